@@ -1,0 +1,116 @@
+"""The ``learnmask`` command: ``run`` one config, ``reproduce`` an ablation grid, ``table``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import pathlib
+import shlex
+import sys
+import tomllib
+
+from learnmask.io import read_jsonl
+
+GRIDS = {"heads": "experiments/grids/heads.toml"}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["epochs=1", "freeze=[]"]`` → ``{"epochs": 1, "freeze": []}`` (values are TOML).
+
+    Raises:
+        ValueError: a pair without ``=`` or a value that is not TOML.
+    """
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value; got {pair!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = text  # a bare word is a string
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="learnmask", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one config (TOML with RunConfig keys) and print its metrics as JSON")
+    run.add_argument("config", type=pathlib.Path)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/single"), help="run folder")
+    rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table under paper/")
+    rep.add_argument("grid", choices=sorted(GRIDS), help="which table")
+    _grid_options(rep)
+    rep.add_argument("--full", action="store_true", help="all seeds of the grid (full_seeds) instead of the quick default")
+    rep.add_argument("--shard", default="0/1", help="run only cells i, i+n, ... of the grid: i/n")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tab = sub.add_parser("table", help="write the table of a grid's results (Markdown and LaTeX)")
+    tab.add_argument("grid", choices=sorted(GRIDS))
+    _grid_options(tab)
+    return parser
+
+
+def _grid_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid-file", type=pathlib.Path, help="grid TOML (default: experiments/grids/<grid>.toml)")
+    parser.add_argument("--results", type=pathlib.Path, help="results JSON lines (default: runs/<grid>/results.jsonl)")
+    parser.add_argument("--work-dir", type=pathlib.Path, help="checkpoints, caches, TensorBoard (default: runs/<grid>)")
+    parser.add_argument("--tables-dir", type=pathlib.Path, default=pathlib.Path("paper/tables"), help="where the table goes")
+
+
+def _paths(args):
+    from learnmask.recipe.config import load_grid
+
+    grid = load_grid(args.grid_file or pathlib.Path(GRIDS[args.grid]))
+    work = args.work_dir or pathlib.Path("runs") / grid.name
+    return grid, args.results or work / "results.jsonl", work
+
+
+def _table(args, grid, results, command: str) -> None:
+    from learnmask.recipe.table import write_tables
+
+    stem = args.tables_dir / grid.name
+    summaries = write_tables(grid, read_jsonl(results), stem, title=grid.title, command=command, goals=grid.goals)
+    print(stem.with_suffix(".md").read_text())
+    print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``learnmask`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = "learnmask " + shlex.join(argv)
+    try:
+        if args.command == "run":
+            from learnmask.recipe.config import RunConfig
+            from learnmask.recipe.train import fit
+
+            if not args.config.is_file():
+                raise FileNotFoundError(f"config file {args.config} not found")
+            values = {**tomllib.loads(args.config.read_text()), **parse_overrides(args.set)}
+            cfg = RunConfig.from_dict(values, where=str(args.config))
+            metrics = fit(cfg, args.out / f"run-{cfg.key()}", cache_dir=args.out / "cache")
+            print(json.dumps({"config": dataclasses.asdict(cfg), "metrics": metrics}, indent=2))
+        elif args.command == "reproduce":
+            from learnmask.recipe.runner import parse_shard, run_grid
+
+            grid, results, work = _paths(args)
+            shard = parse_shard(args.shard)
+            run_grid(grid, results_path=results, work_dir=work, full=args.full, shard=shard,
+                     overrides=parse_overrides(args.set), show_progress=not args.no_progress)
+            _table(args, grid, results, command)
+        else:
+            grid, results, _ = _paths(args)
+            _table(args, grid, results, command)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"learnmask: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Sparsity control: target schedules and penalty controllers.
+
+* :mod:`~learnmask.control.schedules` -- ``schedule(step) -> target sparsity``.
+* :mod:`~learnmask.control.lagrangian` -- :class:`LagrangianController` (dual ascent on
+  the CoFi penalty) and the :class:`FixedPenalty` L0 baseline.
+"""
+
+from .lagrangian import FixedPenalty, LagrangianController, lagrangian_penalty
+from .schedules import (
+    SCHEDULE_KINDS,
+    ConstantTarget,
+    CubicWarmup,
+    LinearWarmup,
+    Schedule,
+    check_target_sparsity,
+    make_schedule,
+)
+
+__all__ = [
+    "FixedPenalty",
+    "LagrangianController",
+    "lagrangian_penalty",
+    "SCHEDULE_KINDS",
+    "ConstantTarget",
+    "CubicWarmup",
+    "LinearWarmup",
+    "Schedule",
+    "check_target_sparsity",
+    "make_schedule",
+]

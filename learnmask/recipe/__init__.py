@@ -1,0 +1,1 @@
+"""What runs a study: configs, the training recipe, the grid runner and the table."""

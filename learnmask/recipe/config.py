@@ -1,0 +1,214 @@
+"""Validated run and grid configs, parsed from TOML (``tomllib``); unknown keys are errors."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+import tomllib
+from typing import Any
+
+METHODS = ("dense", "hard_concrete", "topk", "random", "importance")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning run of a classifier, with or without head gates.
+
+    Attributes:
+        method: ``dense`` (no gates), ``hard_concrete`` (learned hard-concrete head gates driven
+            by a Lagrangian controller; Louizos et al. 2018, Xia et al. 2022), ``topk``
+            (straight-through top-k head scores, Sanh et al. 2020), ``random`` (random heads
+            removed before fine-tuning), ``importance`` (Michel et al. 2019: |∂L/∂gate| after
+            dense fine-tuning, heads removed, then ``importance_epochs`` with the mask fixed).
+        target_sparsity: fraction of heads removed, in [0, 1); 0 for ``dense``.
+        seed: seeds the classifier head, the data order, gate samples and random removal.
+        dataset, dataset_path: a name known to :func:`learnmask.data.load_dataset` and an
+            optional local file; ``test_size`` held-out examples (fixed split, seed 0).
+        model_path: folder of a Hugging Face BERT-family checkpoint; empty = the packaged
+            all-MiniLM-L6-v2.
+        epochs: passes over the training set (``importance`` adds ``importance_epochs``).
+        max_train_examples: 0 = all; otherwise the first N of the (fixed) training split.
+        batch_size, max_length, lr, weight_decay, warmup_ratio: the usual fine-tuning settings;
+            ``lr`` in 1/step units of AdamW, ``warmup_ratio`` in [0, 1).
+        freeze: name substrings of parameters kept frozen (the word embeddings by default:
+            11.7M of MiniLM's 22.7M parameters, and most of the step time on CPU).
+        gate_lr: AdamW learning rate of the gate logits (no weight decay).
+        gate_init_log_alpha: initial ``log_alpha`` of hard-concrete gates (3.0: nearly open,
+            deterministic gate 1; 0.0: CoFi's ``droprate_init = 0.5``, gate 0.5, noisy samples).
+        controller_lr: dual-ascent learning rate of the Lagrangian multipliers.
+        sparsity_warmup: fraction of the steps over which the target rises linearly from 0.
+        gate_phase: fraction of the steps during which gates learn; afterwards the
+            deterministic top-k mask is fixed and the model alone fine-tunes.
+        importance_epochs: epochs with the mask fixed after importance-based removal.
+    """
+
+    method: str = "dense"
+    target_sparsity: float = 0.0
+    seed: int = 0
+    dataset: str = "trec6"
+    dataset_path: str = ""
+    test_size: int = 1000
+    model_path: str = ""
+    epochs: int = 2
+    max_train_examples: int = 0
+    batch_size: int = 32
+    max_length: int = 48
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    freeze: tuple[str, ...] = ("embeddings.word_embeddings",)
+    gate_lr: float = 0.05
+    gate_init_log_alpha: float = 3.0
+    controller_lr: float = 0.05
+    sparsity_warmup: float = 0.4
+    gate_phase: float = 0.75
+    importance_epochs: int = 1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1); got {self.target_sparsity}")
+        if self.method == "dense" and self.target_sparsity != 0.0:
+            raise ValueError(f"method 'dense' has no gates; target_sparsity must be 0, got {self.target_sparsity}")
+        if self.method != "dense" and self.target_sparsity == 0.0:
+            raise ValueError(f"method {self.method!r} needs target_sparsity in (0, 1); got 0")
+        for name in ("epochs", "batch_size", "max_length", "test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("max_train_examples", "importance_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("warmup_ratio", "sparsity_warmup"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if not 0.0 < self.gate_phase <= 1.0:
+            raise ValueError(f"gate_phase must be in (0, 1]; got {self.gate_phase}")
+        for name in ("lr", "gate_lr", "controller_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
+        """Build from a mapping, rejecting unknown keys with the list of known ones."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def key(self) -> str:
+        """Stable id of this run: a hash of every field (a changed setting is a new run)."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def total_epochs(self) -> int:
+        """Epochs of training this run uses, counting the dense fine-tuning behind ``importance``."""
+        return self.epochs + (self.importance_epochs if self.method == "importance" else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridRow:
+    """One row of an ablation table: a label and the run settings it overrides."""
+
+    label: str
+    settings: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+    """An ablation grid: rows × target sparsities × seeds, over shared defaults.
+
+    TOML layout::
+
+        name = "heads"
+        seeds = [0]            # default run
+        full_seeds = [0, 1, 2] # with --full
+        [defaults]             # any RunConfig field
+        epochs = 2
+        [[rows]]
+        label = "hard-concrete + Lagrangian"
+        method = "hard_concrete"
+        target_sparsity = [0.5, 0.9]   # a list expands into one cell per value
+    """
+
+    name: str
+    seeds: tuple[int, ...]
+    full_seeds: tuple[int, ...]
+    defaults: dict[str, Any]
+    rows: tuple[GridRow, ...]
+    title: str = ""
+    goals: tuple[dict[str, Any], ...] = ()
+
+    def cells(self, *, full: bool = False, overrides: dict[str, Any] | None = None) -> list[tuple[str, RunConfig]]:
+        """Every (row label, run config) of the grid, dense-first, in a fixed order.
+
+        Raises:
+            ValueError: a setting that RunConfig rejects (named with its row).
+        """
+        seeds = self.full_seeds if full else self.seeds
+        cells = []
+        for row in self.rows:
+            settings = {**self.defaults, **row.settings, **(overrides or {})}
+            targets = settings.pop("target_sparsity", 0.0)
+            targets = targets if isinstance(targets, list) else [targets]
+            for target, seed in itertools.product(targets, seeds):
+                where = f"grid {self.name!r}, row {row.label!r}"
+                cells.append((row.label, RunConfig.from_dict({**settings, "target_sparsity": target, "seed": seed}, where=where)))
+        return cells
+
+
+GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals"}
+GOAL_KEYS = {"description", "row", "target", "versus", "versus_target", "min_difference"}
+
+
+def _check_goals(path, goals: list, labels: set[str]) -> tuple[dict, ...]:
+    for number, goal in enumerate(goals, start=1):
+        if set(goal) != GOAL_KEYS:
+            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; expected exactly {sorted(GOAL_KEYS)}")
+        for key in ("row", "versus"):
+            if goal[key] not in labels:
+                raise ValueError(f"{path}: goal {number} names row {goal[key]!r}; rows are {sorted(labels)}")
+    return tuple(goals)
+
+
+def load_grid(path: str | pathlib.Path) -> GridConfig:
+    """Parse and validate a grid TOML file (every cell is built once to check it).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: TOML syntax, unknown keys (top level, defaults or rows), a row without a
+            label, or an invalid setting.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file {path} not found; run from the repository root or pass --grid PATH")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from error
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} at the top of {path}; known keys: {sorted(GRID_KEYS)}")
+    rows = []
+    for number, row in enumerate(data.get("rows", []), start=1):
+        if "label" not in row:
+            raise ValueError(f"{path}: row {number} has no 'label'")
+        settings = {k: v for k, v in row.items() if k != "label"}
+        rows.append(GridRow(row["label"], settings))
+    if not rows:
+        raise ValueError(f"{path} defines no [[rows]]")
+    grid = GridConfig(
+        name=data.get("name", path.stem),
+        seeds=tuple(data.get("seeds", [0])),
+        full_seeds=tuple(data.get("full_seeds", data.get("seeds", [0]))),
+        defaults=dict(data.get("defaults", {})),
+        rows=tuple(rows),
+        title=data.get("title", data.get("name", path.stem)),
+        goals=_check_goals(path, data.get("goals", []), {row.label for row in rows}),
+    )
+    grid.cells(full=True)  # validates every setting now, not an hour into the run
+    return grid

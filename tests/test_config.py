@@ -1,0 +1,92 @@
+"""Config validation: unknown keys, ranges, grid expansion."""
+import dataclasses
+
+import pytest
+
+from learnmask.recipe.config import RunConfig, load_grid
+
+GRID = """
+name = "g"
+seeds = [0, 1]
+full_seeds = [0, 1, 2]
+[defaults]
+epochs = 1
+[[rows]]
+label = "dense"
+method = "dense"
+[[rows]]
+label = "hc"
+method = "hard_concrete"
+target_sparsity = [0.5, 0.9]
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_rows_targets_seeds_in_order(tmp_path):
+    grid = load_grid(write(tmp_path, GRID))
+    cells = grid.cells()
+    assert [(label, c.method, c.target_sparsity, c.seed) for label, c in cells] == [
+        ("dense", "dense", 0.0, 0), ("dense", "dense", 0.0, 1),
+        ("hc", "hard_concrete", 0.5, 0), ("hc", "hard_concrete", 0.5, 1),
+        ("hc", "hard_concrete", 0.9, 0), ("hc", "hard_concrete", 0.9, 1),
+    ]
+    assert len(grid.cells(full=True)) == 9
+    assert all(c.epochs == 1 for _, c in cells)
+    assert len({c.key() for _, c in grid.cells(full=True)}) == 9
+
+
+def test_key_changes_with_any_setting():
+    base = RunConfig(method="topk", target_sparsity=0.5)
+    assert base.key() == RunConfig(method="topk", target_sparsity=0.5).key()
+    for change in ({"seed": 1}, {"lr": 2e-4}, {"freeze": ()}, {"target_sparsity": 0.6}):
+        assert dataclasses.replace(base, **change).key() != base.key()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"methd": "dense"}, r"unknown key\(s\) \['methd'\] in test; known keys: \[.*'method'"),
+        ({"method": "hard_concrete", "target_sparsity": 1.0}, r"target_sparsity must be in \[0, 1\); got 1.0"),
+        ({"method": "hard_concrete", "target_sparsity": -0.1}, r"target_sparsity must be in \[0, 1\); got -0.1"),
+        ({"method": "dense", "target_sparsity": 0.5}, "method 'dense' has no gates"),
+        ({"method": "random"}, "needs target_sparsity in \\(0, 1\\)"),
+        ({"method": "magic", "target_sparsity": 0.5}, r"unknown method 'magic'; expected one of \["),
+        ({"epochs": 0}, "epochs must be >= 1; got 0"),
+        ({"gate_phase": 0.0}, r"gate_phase must be in \(0, 1\]; got 0.0"),
+        ({"lr": -1.0}, "lr must be > 0; got -1.0"),
+    ],
+)
+def test_bad_run_config_is_a_clear_error(values, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict(values, where="test")
+
+
+def test_grid_errors_name_the_place(tmp_path):
+    with pytest.raises(FileNotFoundError, match="grid file .* not found"):
+        load_grid(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['seed'\] at the top"):
+        load_grid(write(tmp_path, "seed = 1\n" + GRID))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\] in grid 'g', row 'dense'"):
+        load_grid(write(tmp_path, GRID.replace("epochs = 1", "epoch = 1")))
+    with pytest.raises(ValueError, match=r"target_sparsity must be in \[0, 1\); got 1.5"):
+        load_grid(write(tmp_path, GRID.replace("[0.5, 0.9]", "[0.5, 1.5]")))
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_grid(write(tmp_path, GRID + "\n[[rows]\n"))
+    goal = '\n[[goals]]\ndescription = "x"\nrow = "hc"\ntarget = 0.9\nversus = "nope"\nversus_target = 0.0\nmin_difference = 1\n'
+    with pytest.raises(ValueError, match="goal 1 names row 'nope'"):
+        load_grid(write(tmp_path, GRID + goal))
+
+
+def test_shipped_heads_grid_is_valid():
+    import pathlib
+
+    grid = load_grid(pathlib.Path(__file__).parents[1] / "experiments" / "grids" / "heads.toml")
+    cells = grid.cells()
+    assert len(cells) == 9 and cells[0][1].method == "dense"
+    assert sorted({c.target_sparsity for _, c in cells}) == [0.0, 0.5, 0.9]
+    assert len(grid.cells(full=True)) == 27

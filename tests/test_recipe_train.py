@@ -1,0 +1,92 @@
+"""The training recipe on a tiny model: resume is exact, eval keeps exactly k heads, methods differ."""
+import pytest
+import torch
+
+from conftest import tiny_bert
+from learnmask.recipe import train as recipe
+from learnmask.recipe.config import RunConfig
+from learnmask.recipe.model import EncodedTexts
+
+
+def synthetic(n, seed):
+    """A learnable toy task: the label is whether token 7 occurs."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(torch.randint(4, 10, (1,), generator=g))
+        seq = torch.randint(10, 100, (length,), generator=g).tolist()
+        label = int(torch.rand(1, generator=g) < 0.5)
+        if label:
+            seq[int(torch.randint(1, length, (1,), generator=g))] = 7
+        ids.append([2] + seq + [3])
+        labels.append(label)
+    return EncodedTexts(ids, labels)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    def load(cfg):
+        torch.manual_seed(cfg.seed)
+        return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(96, 0), synthetic(64, 1), 0
+
+    monkeypatch.setattr(recipe, "_load", load)
+
+
+def config(**kw):
+    base = dict(epochs=3, batch_size=16, freeze=(), lr=1e-3, test_size=64)
+    return RunConfig(**{**base, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(n):
+    count = {"n": 0}
+
+    def progress(k):
+        count["n"] += k
+        if count["n"] == n:
+            raise Interrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("method", ["dense", "hard_concrete", "topk"])
+def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method):
+    cfg = config(method=method, target_sparsity=0.0 if method == "dense" else 0.5)
+    straight = recipe.fit(cfg, tmp_path / "a", cache_dir=tmp_path / "cache")
+    with pytest.raises(Interrupt):  # 6 steps per epoch: dies mid-way through epoch 2
+        recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache", progress=interrupt_after(9))
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+    resumed = recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache")
+    assert resumed["accuracy"] == straight["accuracy"]
+    assert resumed.get("head_mask") == straight.get("head_mask")
+    assert resumed.get("controller_lambda_1") == straight.get("controller_lambda_1")
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
+
+
+@pytest.mark.parametrize("method, target, kept", [("hard_concrete", 0.5, 4), ("topk", 0.75, 2), ("random", 0.5, 4), ("importance", 0.75, 2)])
+def test_eval_keeps_exactly_the_target_number_of_heads(tiny, tmp_path, method, target, kept):
+    metrics = recipe.fit(config(method=method, target_sparsity=target), tmp_path / method, cache_dir=tmp_path / "cache")
+    assert metrics["heads_kept"] == kept and metrics["heads_total"] == 8
+    assert sum(map(sum, metrics["head_mask"])) == kept
+    assert metrics["realized_sparsity"] == pytest.approx(1 - kept / 8)
+    assert metrics["parameters"] < metrics["parameters_dense"]
+    if method == "importance":
+        assert metrics["epochs"] == 4 and "accuracy_before_retraining" in metrics
+        assert (tmp_path / "cache").glob("dense-*.pt")
+
+
+def test_dense_learns_the_toy_task(tiny, tmp_path):
+    metrics = recipe.fit(config(method="dense", epochs=15, lr=2e-3), tmp_path / "d", cache_dir=tmp_path / "cache")
+    assert metrics["accuracy"] >= 0.9
+    assert metrics["realized_sparsity"] == 0.0 and metrics["parameters"] == metrics["parameters_dense"]
+
+
+def test_hard_concrete_expected_sparsity_follows_the_target(tiny, tmp_path):
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=20, gate_phase=1.0, gate_lr=0.1, controller_lr=0.05)
+    metrics = recipe.fit(cfg, tmp_path / "hc", cache_dir=tmp_path / "cache")
+    assert metrics["controller_target"] == 0.5
+    assert abs(metrics["controller_sparsity"] - 0.5) < 0.1
+    assert metrics["controller_lambda_1"] != 0.0
