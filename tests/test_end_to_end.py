@@ -49,9 +49,9 @@ def test_reproduce_heads_quick_grid(tmp_path, capsys):
 def test_golden_losses_of_a_few_real_steps(tmp_path):
     """Regression guard: 4 steps of hard-concrete gate training on real data give stored losses."""
     from learnmask.recipe import train as recipe
-    from learnmask.recipe.config import RunConfig
 
-    cfg = RunConfig(method="hard_concrete", target_sparsity=0.5, max_train_examples=128, epochs=1, test_size=100)
+    from golden.make_golden import CONFIG as cfg
+
     prepared = recipe.prepare(cfg, tmp_path)
     trainer = recipe.Trainer(cfg, prepared, tmp_path / "run")
     trainer.run()

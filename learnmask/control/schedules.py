@@ -114,7 +114,31 @@ class ConstantTarget:
 
 
 @dataclass(frozen=True)
-class LinearWarmup:
+class _Warmup:
+    """Shared part of the warm-up schedules: validation, hold after ``warmup_steps``."""
+
+    final: float
+    warmup_steps: int
+    initial: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "final", check_target_sparsity(self.final, "final"))
+        object.__setattr__(self, "initial", check_target_sparsity(self.initial, "initial"))
+        object.__setattr__(self, "warmup_steps", _check_warmup_steps(self.warmup_steps))
+
+    def __call__(self, step: int) -> float:
+        """Target sparsity at ``step`` (an int >= 0), in [0, 1)."""
+        step = _check_step(step)
+        if step >= self.warmup_steps:
+            return self.final
+        return self._ramp(step / self.warmup_steps)
+
+    def _ramp(self, frac: float) -> float:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LinearWarmup(_Warmup):
     """Linear ramp of the target sparsity, then hold (CoFi pruning; Xia et al., 2022).
 
     ``t(step) = initial + (final - initial) * step / warmup_steps`` for
@@ -132,26 +156,12 @@ class LinearWarmup:
         TypeError: ``warmup_steps`` is not an int.
     """
 
-    final: float
-    warmup_steps: int
-    initial: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "final", check_target_sparsity(self.final, "final"))
-        object.__setattr__(self, "initial", check_target_sparsity(self.initial, "initial"))
-        object.__setattr__(self, "warmup_steps", _check_warmup_steps(self.warmup_steps))
-
-    def __call__(self, step: int) -> float:
-        """Target sparsity at ``step`` (an int >= 0), in [0, 1)."""
-        step = _check_step(step)
-        if step >= self.warmup_steps:
-            return self.final
-        frac = step / self.warmup_steps
+    def _ramp(self, frac: float) -> float:
         return self.initial + (self.final - self.initial) * frac
 
 
 @dataclass(frozen=True)
-class CubicWarmup:
+class CubicWarmup(_Warmup):
     """Cubic gradual-pruning schedule, then hold (Zhu & Gupta, 2017).
 
     ``t(step) = final + (initial - final) * (1 - step / warmup_steps) ** 3`` for
@@ -169,22 +179,8 @@ class CubicWarmup:
         TypeError: ``warmup_steps`` is not an int.
     """
 
-    final: float
-    warmup_steps: int
-    initial: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "final", check_target_sparsity(self.final, "final"))
-        object.__setattr__(self, "initial", check_target_sparsity(self.initial, "initial"))
-        object.__setattr__(self, "warmup_steps", _check_warmup_steps(self.warmup_steps))
-
-    def __call__(self, step: int) -> float:
-        """Target sparsity at ``step`` (an int >= 0), in [0, 1)."""
-        step = _check_step(step)
-        if step >= self.warmup_steps:
-            return self.final
-        remaining = 1.0 - step / self.warmup_steps
-        return self.final + (self.initial - self.final) * remaining**3
+    def _ramp(self, frac: float) -> float:
+        return self.final + (self.initial - self.final) * (1.0 - frac) ** 3
 
 
 def make_schedule(

@@ -40,7 +40,8 @@ class RunConfig:
         controller_lr: dual-ascent learning rate of the Lagrangian multipliers.
         sparsity_warmup: fraction of the steps over which the target rises linearly from 0.
         gate_phase: fraction of the steps during which gates learn; afterwards the
-            deterministic top-k mask is fixed and the model alone fine-tunes.
+            deterministic top-k mask is fixed and the model alone fine-tunes, with the
+            learning-rate schedule restarted (two stages, as in CoFi pruning).
         importance_epochs: epochs with the mask fixed after importance-based removal.
     """
 
@@ -55,15 +56,15 @@ class RunConfig:
     max_train_examples: int = 0
     batch_size: int = 32
     max_length: int = 48
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     freeze: tuple[str, ...] = ("embeddings.word_embeddings",)
-    gate_lr: float = 0.05
+    gate_lr: float = 0.1
     gate_init_log_alpha: float = 3.0
-    controller_lr: float = 0.05
-    sparsity_warmup: float = 0.4
-    gate_phase: float = 0.75
+    controller_lr: float = 0.5
+    sparsity_warmup: float = 0.25
+    gate_phase: float = 0.5
     importance_epochs: int = 1
 
     def __post_init__(self):

@@ -44,6 +44,7 @@ def load_classifier(model_path: str | os.PathLike | None, num_labels: int):
     except ImportError as error:
         raise ImportError("loading pretrained models needs transformers: pip install 'learnmask[hf]'") from error
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
     return tokenizer, model

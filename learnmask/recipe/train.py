@@ -171,10 +171,20 @@ class Trainer:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def _base_lr(self, step: int) -> float:
-        warmup = max(1, int(self.cfg.warmup_ratio * self.total_steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+        """Linear warm-up then linear decay to 0, restarted at ``fix_step`` for learned gates.
+
+        Learned gates train in two stages, as CoFi pruning does (Xia et al., 2022): gates and
+        model together, then the model alone under the fixed mask, each with its own schedule.
+        """
+        start, end = 0, self.total_steps
+        if self.fix_step is not None and self.fix_step < self.total_steps:
+            start, end = (self.fix_step, self.total_steps) if step >= self.fix_step else (0, self.fix_step)
+        length = end - start
+        warmup = max(1, int(self.cfg.warmup_ratio * length))
+        local = step - start
+        if local < warmup:
+            return (local + 1) / warmup
+        return max(0.0, (length - local) / max(1, length - warmup))
 
     @property
     def fixed(self) -> bool:
