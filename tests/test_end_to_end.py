@@ -76,3 +76,28 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert f"no config.json in {tmp_path}" in capsys.readouterr().err
     assert main(["reproduce", "heads", "--grid-file", str(tmp_path / "none.toml")]) == 2
     assert "grid file" in capsys.readouterr().err
+
+
+@needs_data
+def test_open_gates_on_real_minilm_reproduce_its_logits():
+    """all-MiniLM-L6-v2: 72 open hard-concrete gates (log_alpha = 3 → eval gate 1.0) change nothing."""
+    from learnmask.inject import apply_head_gates
+    from learnmask.recipe.model import load_classifier
+
+    torch.manual_seed(0)
+    tokenizer, model = load_classifier(None, num_labels=6)
+    model.eval()
+    batch = tokenizer(["What currency is used in Australia ?", "Who wrote Hamlet ?"], padding=True, return_tensors="pt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(**batch).logits
+        handle = apply_head_gates(model, "hard_concrete", init_log_alpha=3.0)
+        assert handle.gate.log_alpha.shape == (6, 12)
+        model.eval()
+        assert (model(**batch).logits - base).abs().max().item() <= 1e-6
+        handle.gate.eval_k = 7
+        assert not torch.allclose(model(**batch).logits, base, atol=1e-3)  # 65 heads closed: it acts
+        handle.remove()
+        assert torch.equal(model(**batch).logits, base)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

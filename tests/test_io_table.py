@@ -1,5 +1,4 @@
 """Atomic results files, confidence intervals by hand, goal checks, table text."""
-import json
 import math
 
 import pytest

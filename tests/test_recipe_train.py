@@ -41,15 +41,16 @@ class Interrupt(Exception):
     pass
 
 
-def interrupt_after(n):
-    count = {"n": 0}
+class interrupt_after:
+    """A progress sink that stops the run (like Ctrl-C) after ``n`` steps."""
 
-    def progress(k):
-        count["n"] += k
-        if count["n"] == n:
+    def __init__(self, n):
+        self.n, self.seen, self.total = n, 0, None
+
+    def update(self, k=1):
+        self.seen += k
+        if self.seen == self.n:
             raise Interrupt
-
-    return progress
 
 
 @pytest.mark.parametrize("method", ["dense", "hard_concrete", "topk"])
@@ -59,7 +60,9 @@ def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method):
     with pytest.raises(Interrupt):  # 6 steps per epoch: dies mid-way through epoch 2
         recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache", progress=interrupt_after(9))
     assert (tmp_path / "b" / "checkpoint.pt").exists()
-    resumed = recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache")
+    sink = interrupt_after(-1)
+    resumed = recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache", progress=sink)
+    assert sink.total == 18 and sink.seen == 18  # resumed at step 6 (end of epoch 1), counted from there
     assert resumed["accuracy"] == straight["accuracy"]
     assert resumed.get("head_mask") == straight.get("head_mask")
     assert resumed.get("controller_lambda_1") == straight.get("controller_lambda_1")

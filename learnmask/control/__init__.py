@@ -5,7 +5,8 @@
   the CoFi penalty) and the :class:`FixedPenalty` L0 baseline.
 """
 
-from .lagrangian import FixedPenalty, LagrangianController, lagrangian_penalty
+from .fixed_penalty import FixedPenalty
+from .lagrangian import LagrangianController, lagrangian_penalty
 from .schedules import (
     SCHEDULE_KINDS,
     ConstantTarget,

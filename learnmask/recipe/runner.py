@@ -62,7 +62,7 @@ def run_grid(
     for label, cfg in todo:
         bar.set_description(f"{label} @ {cfg.target_sparsity:g}, seed {cfg.seed}")
         steps = _bar(None, show_progress, leave=False, unit="step")
-        metrics = fit(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps.update)
+        metrics = fit(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps)
         steps.close()
         record = _record(grid.name, label, cfg, metrics)
         append_jsonl(results_path, [record])
@@ -84,6 +84,8 @@ def _record(grid: str, label: str, cfg: RunConfig, metrics: dict) -> dict:
 
 
 class _NoBar:
+    total = None
+
     def update(self, n=1):
         pass
 

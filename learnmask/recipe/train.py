@@ -10,7 +10,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Callable
+from typing import Protocol
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -25,7 +25,14 @@ from learnmask.recipe.model import EncodedTexts, accuracy, batches, bucketed_ord
 from learnmask.stats import count_parameters, remaining_parameters
 
 logger = logging.getLogger(__name__)
-Progress = Callable[[int], None]
+
+
+class Progress(Protocol):
+    """What a run reports its steps to (a ``tqdm`` bar fits): ``update(n)``; ``total`` is set."""
+
+    total: int | None
+
+    def update(self, n: int = 1) -> object: ...
 
 
 def keep_count(total: int, sparsity: float) -> int:
@@ -234,6 +241,12 @@ class Trainer:
     def run(self, progress: Progress | None = None) -> None:
         """Train from the last checkpoint (if any) to the end; checkpoint after every epoch."""
         self._resume()
+        if progress is not None:
+            if hasattr(progress, "reset"):  # tqdm: a new bar for this run's steps
+                progress.reset(total=self.total_steps)
+            else:
+                progress.total = self.total_steps
+            progress.update(self.step)
         model = self.p.model
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
@@ -251,8 +264,8 @@ class Trainer:
                 if self.step % 10 == 0:
                     self._log(task_loss)
                 self.step += 1
-                if progress:
-                    progress(1)
+                if progress is not None:
+                    progress.update(1)
             if self.fixed:
                 self._fix_mask()
             self._checkpoint()
