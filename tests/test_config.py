@@ -43,7 +43,7 @@ def test_grid_expands_rows_targets_seeds_in_order(tmp_path):
 def test_key_changes_with_any_setting():
     base = RunConfig(method="topk", target_sparsity=0.5)
     assert base.key() == RunConfig(method="topk", target_sparsity=0.5).key()
-    for change in ({"seed": 1}, {"lr": 2e-4}, {"freeze": ()}, {"target_sparsity": 0.6}):
+    for change in ({"seed": 1}, {"lr": 3e-4}, {"freeze": ()}, {"target_sparsity": 0.6}):
         assert dataclasses.replace(base, **change).key() != base.key()
 
 

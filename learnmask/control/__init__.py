@@ -16,6 +16,9 @@ from .schedules import (
     check_target_sparsity,
     make_schedule,
 )
+from .loss_adaptive import LossAdaptiveController
+from .metrics import control_metrics
+from .pid import PIController, PIDController
 
 __all__ = [
     "FixedPenalty",
@@ -28,4 +31,8 @@ __all__ = [
     "Schedule",
     "check_target_sparsity",
     "make_schedule",
+    "LossAdaptiveController",
+    "control_metrics",
+    "PIController",
+    "PIDController",
 ]
