@@ -44,9 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table under paper/")
     rep.add_argument("grid", choices=sorted(GRIDS), help="which table")
     _grid_options(rep)
-    rep.add_argument("--full", action="store_true", help="all seeds of the grid (full_seeds) instead of the quick default")
     rep.add_argument("--shard", default="0/1", help="run only cells i, i+n, ... of the grid: i/n")
-    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     tab = sub.add_parser("table", help="write the table of a grid's results (Markdown and LaTeX)")
     tab.add_argument("grid", choices=sorted(GRIDS))
@@ -59,6 +57,9 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=pathlib.Path, help="results JSON lines (default: runs/<grid>/results.jsonl)")
     parser.add_argument("--work-dir", type=pathlib.Path, help="checkpoints, caches, TensorBoard (default: runs/<grid>)")
     parser.add_argument("--tables-dir", type=pathlib.Path, default=pathlib.Path("paper/tables"), help="where the table goes")
+    parser.add_argument("--full", action="store_true",
+                        help="all seeds of the grid (full_seeds) instead of the quick default; table <grid>-full.md")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
 
 
 def _paths(args):
@@ -70,10 +71,13 @@ def _paths(args):
 
 
 def _table(args, grid, results, command: str) -> None:
+    """Tabulate exactly the cells this command selects (seeds, overrides), nothing else."""
     from learnmask.recipe.table import write_tables
 
-    stem = args.tables_dir / grid.name
-    summaries = write_tables(grid, read_jsonl(results), stem, title=grid.title, command=command, goals=grid.goals)
+    keys = {cfg.key() for _, cfg in grid.cells(full=args.full, overrides=parse_overrides(args.set))}
+    records = [record for record in read_jsonl(results) if record["key"] in keys]
+    stem = args.tables_dir / (grid.name + ("-full" if args.full else ""))
+    summaries = write_tables(grid, records, stem, title=grid.title, command=command, goals=grid.goals)
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
 
