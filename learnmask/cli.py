@@ -12,7 +12,7 @@ import tomllib
 
 from learnmask.io import read_jsonl
 
-GRIDS = {"heads": "experiments/grids/heads.toml"}
+GRIDS = {"heads": "experiments/grids/heads.toml", "controllers": "experiments/grids/controllers.toml"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:

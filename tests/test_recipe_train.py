@@ -93,3 +93,18 @@ def test_hard_concrete_expected_sparsity_follows_the_target(tiny, tmp_path):
     assert metrics["controller_target"] == 0.5
     assert abs(metrics["controller_sparsity"] - 0.5) < 0.1
     assert metrics["controller_lambda_1"] != 0.0
+
+
+@pytest.mark.parametrize("controller", ["lagrangian", "pi", "fixed"])
+def test_every_controller_runs_and_reports_control_metrics(tiny, tmp_path, controller):
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=2, gate_phase=1.0, controller=controller)
+    metrics = recipe.fit(cfg, tmp_path / controller, cache_dir=tmp_path / "cache")
+    assert metrics["heads_kept"] == 4
+    assert len({"control_final_error", "control_overshoot", "control_tail_max_error", "control_settled"} - set(metrics)) == 0
+    assert metrics["control_final_error"] == pytest.approx(abs(metrics["controller_sparsity"] - 0.5), abs=0.05)
+
+
+def test_new_options_at_default_keep_old_run_keys():
+    """Adding an option (here: controller) must not orphan results recorded before it existed."""
+    assert RunConfig(method="hard_concrete", target_sparsity=0.9).key() == "93b58a5c2ab4a511"
+    assert RunConfig(method="hard_concrete", target_sparsity=0.9, controller="pi").key() != "93b58a5c2ab4a511"

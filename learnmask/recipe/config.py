@@ -10,6 +10,10 @@ import tomllib
 from typing import Any
 
 METHODS = ("dense", "hard_concrete", "topk", "random", "importance")
+CONTROLLERS = ("lagrangian", "pi", "fixed")
+# Fields added after results were first recorded. At their default they reproduce the earlier
+# behaviour exactly, so key() leaves them out there and finished cells stay finished.
+NEUTRAL_AT_DEFAULT = {"neutral_at_default": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,10 @@ class RunConfig:
             deterministic top-k mask is fixed and the model alone fine-tunes, with the
             learning-rate schedule restarted (two stages, as in CoFi pruning).
         importance_epochs: epochs with the mask fixed after importance-based removal.
+        controller: what drives hard-concrete gates to the target: ``lagrangian`` (dual ascent,
+            learning rate ``controller_lr``), ``pi`` (PI control of the multiplier, Stooke et
+            al. 2020, gains ``controller_kp``, ``controller_ki``) or ``fixed`` (a constant L0
+            penalty ``l0_weight``, no target: the baseline).
     """
 
     method: str = "dense"
@@ -66,6 +74,10 @@ class RunConfig:
     sparsity_warmup: float = 0.25
     gate_phase: float = 0.5
     importance_epochs: int = 1
+    controller: str = dataclasses.field(default="lagrangian", metadata=NEUTRAL_AT_DEFAULT)
+    controller_kp: float = dataclasses.field(default=1.0, metadata=NEUTRAL_AT_DEFAULT)
+    controller_ki: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
+    l0_weight: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -90,6 +102,11 @@ class RunConfig:
         for name in ("lr", "gate_lr", "controller_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"unknown controller {self.controller!r}; expected one of {list(CONTROLLERS)}")
+        for name in ("controller_kp", "controller_ki", "l0_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "freeze", tuple(self.freeze))
 
     @classmethod
@@ -102,8 +119,16 @@ class RunConfig:
         return cls(**values)
 
     def key(self) -> str:
-        """Stable id of this run: a hash of every field (a changed setting is a new run)."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Stable id of this run: a hash of every field (a changed setting is a new run).
+
+        Fields marked neutral-at-default are left out while at their default, so adding an
+        option does not orphan results recorded before it existed.
+        """
+        values = dataclasses.asdict(self)
+        for field in dataclasses.fields(self):
+            if field.metadata.get("neutral_at_default") and values[field.name] == field.default:
+                del values[field.name]
+        text = json.dumps(values, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def total_epochs(self) -> int:
@@ -143,6 +168,7 @@ class GridConfig:
     rows: tuple[GridRow, ...]
     title: str = ""
     goals: tuple[dict[str, Any], ...] = ()
+    columns: tuple[str, ...] = ()
 
     def cells(self, *, full: bool = False, overrides: dict[str, Any] | None = None) -> list[tuple[str, RunConfig]]:
         """Every (row label, run config) of the grid, dense-first, in a fixed order.
@@ -162,16 +188,22 @@ class GridConfig:
         return cells
 
 
-GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals"}
-GOAL_KEYS = {"description", "row", "target", "versus", "versus_target", "min_difference"}
+GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals", "columns"}
+GOAL_FORMS = (
+    {"description", "row", "target", "versus", "versus_target", "min_difference"},
+    {"description", "row", "target", "versus", "versus_target", "max_difference"},
+    {"description", "row", "target", "max"},
+)
 
 
 def _check_goals(path, goals: list, labels: set[str]) -> tuple[dict, ...]:
     for number, goal in enumerate(goals, start=1):
-        if set(goal) != GOAL_KEYS:
-            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; expected exactly {sorted(GOAL_KEYS)}")
+        keys = set(goal) - {"metric"}
+        if keys not in GOAL_FORMS:
+            forms = " or ".join(str(sorted(form)) for form in GOAL_FORMS)
+            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; expected {forms} (plus optional 'metric')")
         for key in ("row", "versus"):
-            if goal[key] not in labels:
+            if key in goal and goal[key] not in labels:
                 raise ValueError(f"{path}: goal {number} names row {goal[key]!r}; rows are {sorted(labels)}")
     return tuple(goals)
 
@@ -210,6 +242,7 @@ def load_grid(path: str | pathlib.Path) -> GridConfig:
         rows=tuple(rows),
         title=data.get("title", data.get("name", path.stem)),
         goals=_check_goals(path, data.get("goals", []), {row.label for row in rows}),
+        columns=tuple(data.get("columns", [])),
     )
     grid.cells(full=True)  # validates every setting now, not an hour into the run
     return grid

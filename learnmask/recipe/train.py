@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from learnmask.control import LagrangianController, LinearWarmup
+from learnmask.control import FixedPenalty, LagrangianController, LinearWarmup, PIController, control_metrics
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
 from learnmask.inject import HeadGateHandle, apply_head_gates, find_attention_blocks
@@ -155,6 +155,15 @@ def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progr
     return metrics
 
 
+def make_controller(cfg: RunConfig, target):
+    """The controller ``cfg.controller`` names, driving expected head sparsity to ``target(step)``."""
+    if cfg.controller == "lagrangian":
+        return LagrangianController(target, lr=cfg.controller_lr)
+    if cfg.controller == "pi":
+        return PIController(target, kp=cfg.controller_kp, ki=cfg.controller_ki)
+    return FixedPenalty(cfg.l0_weight)
+
+
 class Trainer:
     """The training loop of one run: AdamW, linear warm-up/decay, gates, controller, checkpoints."""
 
@@ -172,7 +181,9 @@ class Trainer:
         self.keep = keep_count(self.heads_total, cfg.target_sparsity)
         target = LinearWarmup(cfg.target_sparsity, int(cfg.sparsity_warmup * self.total_steps))
         self.target = target
-        self.controller = LagrangianController(target, lr=cfg.controller_lr) if cfg.method == "hard_concrete" else None
+        self.controller = make_controller(cfg, target) if cfg.method == "hard_concrete" else None
+        self.sparsity_history: list[float] = []  # expected sparsity and target while gates learn
+        self.target_history: list[float] = []
         self.step = 0
         self.loss_history: list[float] = []  # task loss of every step run in this process
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -210,7 +221,10 @@ class Trainer:
         loss = model(**batch).loss
         task_loss = loss.item()
         if self.controller is not None and not self.fixed:
-            loss = loss + self.controller.penalty(handle.expected_sparsity())
+            sparsity = handle.expected_sparsity()
+            loss = loss + self.controller.penalty(sparsity)
+            self.sparsity_history.append(sparsity.item())
+            self.target_history.append(self.target(self.step))
         if not torch.isfinite(loss):
             logger.warning("step %d: non-finite loss %s, step skipped", self.step, loss.item())
             self.optimizer.zero_grad(set_to_none=True)
@@ -232,9 +246,10 @@ class Trainer:
             return
         w.add_scalar("sparsity/expected", handle.expected_sparsity().item(), step)
         w.add_scalar("sparsity/target", self.target(step), step)
-        if self.controller is not None:
-            w.add_scalar("controller/lambda_1", self.controller.lambda_1, step)
-            w.add_scalar("controller/lambda_2", self.controller.lambda_2, step)
+        if self.controller is not None and not self.fixed:  # multipliers, penalty, P/I terms
+            for name, value in self.controller.last_metrics().items():
+                if isinstance(value, (int, float)) and name not in ("target", "sparsity"):
+                    w.add_scalar(f"controller/{name}", value, step)
         for layer, keep in enumerate(handle.keep_per_layer()):
             w.add_scalar(f"keep_ratio/layer_{layer}", keep, step)
 
@@ -278,6 +293,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "controller": self.controller.state_dict() if self.controller else None,
+            "history": (self.sparsity_history, self.target_history),
             "fixed_mask": gate.deterministic_mask().detach() if isinstance(gate, FixedGate) else None,
             "rng": torch.get_rng_state(),
             "key": self.cfg.key(),
@@ -298,6 +314,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
+        self.sparsity_history, self.target_history = (list(h) for h in state["history"])
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
         logger.info("resumed %s at step %d", self.run_dir, self.step)
@@ -319,11 +336,16 @@ class Trainer:
         }
         if self.controller is not None:
             metrics.update({f"controller_{k}": v for k, v in self.controller.last_metrics().items()})
+            if self.sparsity_history:
+                control = control_metrics(self.sparsity_history, self.target_history)
+                metrics.update({f"control_{k}": v for k, v in control.items()})
         return metrics
 
     def finish(self, metrics: dict) -> None:
         """Log the final metrics, close TensorBoard and drop the checkpoint (the run is done)."""
-        for name in ("accuracy", "realized_sparsity"):
-            self.writer.add_scalar(f"final/{name}", metrics[name], self.step)
+        for name in ("accuracy", "realized_sparsity", "control_final_error", "control_overshoot", "control_tail_max_error",
+                     "control_oscillation_amplitude"):
+            if metrics.get(name) is not None:
+                self.writer.add_scalar(f"final/{name}", metrics[name], self.step)
         self.writer.close()
         (self.run_dir / "checkpoint.pt").unlink(missing_ok=True)
