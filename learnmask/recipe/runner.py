@@ -58,6 +58,8 @@ def run_grid(
     todo = pending_cells(grid, results_path, full=full, shard=shard, overrides=overrides)
     logger.info("grid %s: %d cell(s) to run", grid.name, len(todo))
     written = []
+    if not todo:
+        return written
     bar = _bar(len(todo), show_progress)
     for label, cfg in todo:
         bar.set_description(f"{label} @ {cfg.target_sparsity:g}, seed {cfg.seed}")
