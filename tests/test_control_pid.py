@@ -327,3 +327,13 @@ def test_metrics_errors():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=rf"tail_fraction must be in \(0, 1\]; got {bad}"):
             control_metrics([0.1], [0.5], tail_fraction=bad)
+
+
+def test_every_controller_implements_its_protocol():
+    from learnmask.control import (FixedPenalty, LagrangianController, LossAdaptiveController, PenaltyController,
+                                   PIController, PIDController, RatioController)
+
+    for controller in (LagrangianController(0.5), PIDController(0.5), PIController(0.5), FixedPenalty(0.1)):
+        assert isinstance(controller, PenaltyController)
+        assert not isinstance(controller, RatioController)
+    assert isinstance(LossAdaptiveController(0.15, r_min=0.1, r_max=0.4), RatioController)

@@ -53,9 +53,10 @@ class interrupt_after:
             raise Interrupt
 
 
-@pytest.mark.parametrize("method", ["dense", "hard_concrete", "topk"])
-def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method):
-    cfg = config(method=method, target_sparsity=0.0 if method == "dense" else 0.5)
+@pytest.mark.parametrize("method, controller", [("dense", "lagrangian"), ("hard_concrete", "lagrangian"),
+                                                ("hard_concrete", "pi"), ("topk", "lagrangian")])
+def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method, controller):
+    cfg = config(method=method, target_sparsity=0.0 if method == "dense" else 0.5, controller=controller, gate_phase=0.9)
     straight = recipe.fit(cfg, tmp_path / "a", cache_dir=tmp_path / "cache")
     with pytest.raises(Interrupt):  # 6 steps per epoch: dies mid-way through epoch 2
         recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache", progress=interrupt_after(9))
@@ -66,6 +67,7 @@ def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method):
     assert resumed["accuracy"] == straight["accuracy"]
     assert resumed.get("head_mask") == straight.get("head_mask")
     assert resumed.get("controller_lambda_1") == straight.get("controller_lambda_1")
+    assert resumed.get("control_overshoot") == straight.get("control_overshoot")  # the whole trajectory survived
     assert not (tmp_path / "b" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
 
 
@@ -108,3 +110,34 @@ def test_new_options_at_default_keep_old_run_keys():
     """Adding an option (here: controller) must not orphan results recorded before it existed."""
     assert RunConfig(method="hard_concrete", target_sparsity=0.9).key() == "93b58a5c2ab4a511"
     assert RunConfig(method="hard_concrete", target_sparsity=0.9, controller="pi").key() != "93b58a5c2ab4a511"
+
+
+def test_non_finite_loss_skips_the_step_and_leaves_controller_state(tiny, tmp_path, monkeypatch):
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=1, gate_phase=1.0)
+    prepared = recipe.prepare(cfg, tmp_path)
+    trainer = recipe.Trainer(cfg, prepared, tmp_path / "run")
+    batch = next(recipe.batches(prepared.train, list(range(16)), 16, 0))
+    prepared.model.train()
+    trainer._train_step(dict(batch))
+    trainer.controller.penalty(prepared.handle.expected_sparsity())  # as _train_step does before the check
+    state = dict(trainer.controller.state_dict())
+    weights = {k: v.clone() for k, v in prepared.model.state_dict().items()}
+    original = type(prepared.model).forward
+
+    def nan_forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(type(prepared.model), "forward", nan_forward)
+    trainer._train_step(dict(batch))
+    assert trainer.controller.state_dict() == state
+    assert all(torch.equal(v, prepared.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_cubic_target_schedule_is_used(tiny, tmp_path):
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=2, sparsity_schedule="cubic", sparsity_warmup=0.5)
+    trainer = recipe.Trainer(cfg, recipe.prepare(cfg, tmp_path), tmp_path / "run")
+    assert trainer.target(3) == pytest.approx(0.5 + (0.0 - 0.5) * (1 - 3 / 6) ** 3)
+    with pytest.raises(ValueError, match="unknown sparsity_schedule 'square'"):
+        config(sparsity_schedule="square")

@@ -5,6 +5,7 @@
   the CoFi penalty) and the :class:`FixedPenalty` L0 baseline.
 """
 
+from .base import PenaltyController, RatioController
 from .fixed_penalty import FixedPenalty
 from .lagrangian import LagrangianController, lagrangian_penalty
 from .schedules import (
@@ -21,6 +22,8 @@ from .metrics import control_metrics
 from .pid import PIController, PIDController
 
 __all__ = [
+    "PenaltyController",
+    "RatioController",
     "FixedPenalty",
     "LagrangianController",
     "lagrangian_penalty",

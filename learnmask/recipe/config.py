@@ -9,6 +9,8 @@ import pathlib
 import tomllib
 from typing import Any
 
+from learnmask.control.schedules import SCHEDULE_KINDS
+
 METHODS = ("dense", "hard_concrete", "topk", "random", "importance")
 CONTROLLERS = ("lagrangian", "pi", "fixed")
 # Fields added after results were first recorded. At their default they reproduce the earlier
@@ -51,6 +53,8 @@ class RunConfig:
             learning rate ``controller_lr``), ``pi`` (PI control of the multiplier, Stooke et
             al. 2020, gains ``controller_kp``, ``controller_ki``) or ``fixed`` (a constant L0
             penalty ``l0_weight``, no target: the baseline).
+        sparsity_schedule: how the target rises over ``sparsity_warmup``: ``linear`` or
+            ``cubic`` (Zhu & Gupta, 2017), or ``constant`` (the final target from step 0).
     """
 
     method: str = "dense"
@@ -78,6 +82,7 @@ class RunConfig:
     controller_kp: float = dataclasses.field(default=1.0, metadata=NEUTRAL_AT_DEFAULT)
     controller_ki: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
     l0_weight: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
+    sparsity_schedule: str = dataclasses.field(default="linear", metadata=NEUTRAL_AT_DEFAULT)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +107,8 @@ class RunConfig:
         for name in ("lr", "gate_lr", "controller_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.sparsity_schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; expected one of {list(SCHEDULE_KINDS)}")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {self.controller!r}; expected one of {list(CONTROLLERS)}")
         for name in ("controller_kp", "controller_ki", "l0_weight"):

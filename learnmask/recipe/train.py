@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from learnmask.control import FixedPenalty, LagrangianController, LinearWarmup, PIController, control_metrics
+from learnmask.control import FixedPenalty, LagrangianController, PIController, control_metrics, make_schedule
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
 from learnmask.inject import HeadGateHandle, apply_head_gates, find_attention_blocks
@@ -179,7 +179,7 @@ class Trainer:
         handle = prepared.handle
         self.heads_total = handle.gate.log_alpha.numel() if handle else 0
         self.keep = keep_count(self.heads_total, cfg.target_sparsity)
-        target = LinearWarmup(cfg.target_sparsity, int(cfg.sparsity_warmup * self.total_steps))
+        target = make_schedule(cfg.sparsity_schedule, cfg.target_sparsity, int(cfg.sparsity_warmup * self.total_steps))
         self.target = target
         self.controller = make_controller(cfg, target) if cfg.method == "hard_concrete" else None
         self.sparsity_history: list[float] = []  # expected sparsity and target while gates learn
