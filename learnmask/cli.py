@@ -80,6 +80,11 @@ def _table(args, grid, results, command: str) -> None:
     summaries = write_tables(grid, records, stem, title=grid.title, command=command, goals=grid.goals)
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
+    from learnmask.recipe.figures import plot_trajectories
+
+    figure = args.tables_dir.parent / "figures" / f"{stem.name}.png"
+    if plot_trajectories(records, figure, title=f"{grid.title} ({command})"):
+        print(f"wrote {figure}")
 
 
 def main(argv: list[str] | None = None) -> int:

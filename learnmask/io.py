@@ -49,7 +49,12 @@ def _atomic_replace(path: pathlib.Path, write) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    _atomic_replace(pathlib.Path(path), lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_text`)."""
+    _atomic_replace(pathlib.Path(path), lambda handle: handle.write(data))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -104,3 +104,16 @@ def test_per_run_goals_max_difference_and_extra_columns():
     ]
     text = to_markdown(rows, title="T", command="c", goal_lines=[], columns=("control_settled", "control_overshoot"))
     assert "| 2/3 | 0.027 |" in text and "| – | 0.080 |" in text
+
+
+def test_trajectory_figure_is_a_png(tmp_path):
+    from learnmask.recipe.figures import plot_trajectories
+
+    records = [record("hc", 0.5, s, 0.9) for s in (1, 0)]
+    for r in records:
+        r["metrics"]["trajectory"] = {"every": 5, "sparsity": [0.0, 0.2, 0.45, 0.5], "target": [0.0, 0.25, 0.5, 0.5]}
+    path = tmp_path / "figures" / "c.png"
+    assert plot_trajectories(records, path, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert not plot_trajectories([record("hc", 0.5, 0, 0.9)], tmp_path / "none.png", title="t")
+    assert not (tmp_path / "none.png").exists()

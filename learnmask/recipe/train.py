@@ -339,6 +339,9 @@ class Trainer:
             if self.sparsity_history:
                 control = control_metrics(self.sparsity_history, self.target_history)
                 metrics.update({f"control_{k}": v for k, v in control.items()})
+                every = max(1, len(self.sparsity_history) // 100)  # about 100 points for figures
+                metrics["trajectory"] = {"every": every, "sparsity": [round(x, 5) for x in self.sparsity_history[::every]],
+                                         "target": [round(x, 5) for x in self.target_history[::every]]}
         return metrics
 
     def finish(self, metrics: dict) -> None:
