@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=pathlib.Path)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/single"), help="run folder")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table under paper/")
     rep.add_argument("grid", choices=sorted(GRIDS), help="which table")
     _grid_options(rep)
@@ -66,6 +67,8 @@ def _paths(args):
     from learnmask.recipe.config import load_grid
 
     grid = load_grid(args.grid_file or pathlib.Path(GRIDS[args.grid]))
+    if grid.name != args.grid:
+        raise ValueError(f"{args.grid_file} defines grid {grid.name!r}, not {args.grid!r}")
     work = args.work_dir or pathlib.Path("runs") / grid.name
     return grid, args.results or work / "results.jsonl", work
 
@@ -87,6 +90,48 @@ def _table(args, grid, results, command: str) -> None:
         print(f"wrote {figure}")
 
 
+def _read_toml(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from error
+
+
+def _printable(metrics: dict) -> dict:
+    """Metrics for the console: head masks as one string per layer, trajectories left out."""
+    shown = {k: v for k, v in metrics.items() if k != "trajectory"}
+    if shown.get("head_mask"):
+        shown["head_mask"] = ["".join(str(v) for v in row) for row in shown["head_mask"]]
+    return shown
+
+
+def _run(args) -> None:
+    """``learnmask run``: one config; a finished run is reported, not trained again."""
+    from learnmask.io import atomic_write_text
+    from learnmask.recipe.config import RunConfig
+    from learnmask.recipe.runner import progress_bar
+    from learnmask.recipe.train import fit
+
+    cfg = RunConfig.from_dict({**_read_toml(args.config), **parse_overrides(args.set)}, where=str(args.config))
+    run_dir = args.out / f"run-{cfg.key()}"
+    done = run_dir / "metrics.json"
+    if done.exists():
+        print(f"learnmask: {run_dir} already finished; delete it to run again", file=sys.stderr)
+        result = json.loads(done.read_text())
+    else:
+        if (run_dir / "checkpoint.pt").exists():
+            print(f"learnmask: resuming {run_dir} from its last checkpoint", file=sys.stderr)
+        bar = progress_bar(None, not args.no_progress, unit="step")
+        metrics = fit(cfg, run_dir, cache_dir=args.out / "cache", progress=bar)
+        bar.close()
+        result = {"config": dataclasses.asdict(cfg), "metrics": metrics}
+        atomic_write_text(done, json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"config": result["config"], "metrics": _printable(result["metrics"])}, indent=2))
+    print(f"learnmask: all metrics in {done}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``learnmask`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -95,15 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "learnmask " + shlex.join(argv)
     try:
         if args.command == "run":
-            from learnmask.recipe.config import RunConfig
-            from learnmask.recipe.train import fit
-
-            if not args.config.is_file():
-                raise FileNotFoundError(f"config file {args.config} not found")
-            values = {**tomllib.loads(args.config.read_text()), **parse_overrides(args.set)}
-            cfg = RunConfig.from_dict(values, where=str(args.config))
-            metrics = fit(cfg, args.out / f"run-{cfg.key()}", cache_dir=args.out / "cache")
-            print(json.dumps({"config": dataclasses.asdict(cfg), "metrics": metrics}, indent=2))
+            _run(args)
         elif args.command == "reproduce":
             from learnmask.recipe.runner import parse_shard, run_grid
 
@@ -118,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"learnmask: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("learnmask: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

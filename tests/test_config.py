@@ -1,5 +1,6 @@
 """Config validation: unknown keys, ranges, grid expansion."""
 import dataclasses
+import re
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_shipped_heads_grid_is_valid():
     assert len(cells) == 9 and cells[0][1].method == "dense"
     assert sorted({c.target_sparsity for _, c in cells}) == [0.0, 0.5, 0.9]
     assert len(grid.cells(full=True)) == 27
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": "3"}, "epochs must be an integer; got str '3'"),
+        ({"epochs": 1.5}, "epochs must be an integer; got float 1.5"),
+        ({"method": "topk", "target_sparsity": "0.5"}, "target_sparsity must be a number; got str '0.5'"),
+        ({"freeze": "word_embeddings"}, "freeze must be a list of strings; got str 'word_embeddings'"),
+        ({"lr": True}, "lr must be a number; got bool True"),
+    ],
+)
+def test_wrong_types_are_clear_errors_naming_the_place(values, message):
+    with pytest.raises(ValueError, match=re.escape(message) + r" \(in cfg.toml\)"):
+        RunConfig.from_dict(values, where="cfg.toml")
+    assert RunConfig(lr=1).lr == 1.0 and isinstance(RunConfig(lr=1).lr, float)
+
+
+def test_grid_structure_cannot_be_overridden(tmp_path):
+    grid = load_grid(write(tmp_path, GRID))
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by the grid"):
+        grid.cells(overrides={"seed": 3})
+    with pytest.raises(ValueError, match=r"\['target_sparsity'\] are set by the grid"):
+        grid.cells(overrides={"target_sparsity": 0.3})

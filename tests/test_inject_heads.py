@@ -195,3 +195,16 @@ def test_wrong_gate_shape_and_double_apply_are_errors():
     apply_head_gates(model, "hard_concrete")
     with pytest.raises(ValueError, match="already has head gates"):
         apply_head_gates(model, "hard_concrete")
+
+
+def test_gate_follows_the_model_mode_when_applied():
+    """A model loaded for inference (eval mode) gets its deterministic gate, never samples."""
+    model = tiny_bert()  # in eval mode
+    handle = apply_head_gates(model, "hard_concrete", init_log_alpha=3.0)
+    assert not handle.gate.training
+    base = logits(model)
+    assert torch.equal(handle.z, torch.ones(2, 4)) and torch.equal(logits(model), base)
+    handle.set_gate(FixedGate(torch.ones(2, 4)))
+    assert not handle.gate.training
+    model.train()
+    assert handle.gate.training

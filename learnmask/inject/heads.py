@@ -144,6 +144,7 @@ class HeadGateHandle:
         if gate.log_alpha.shape != self.gate.log_alpha.shape:
             raise ValueError(f"new gate has shape {tuple(gate.log_alpha.shape)}; expected {tuple(self.gate.log_alpha.shape)}")
         gate.to(self.gate.log_alpha.device)
+        gate.train(self.gate.training)
         self.gate = gate
         if self.registered:
             self.model.learnmask_head_gate = gate
@@ -217,6 +218,7 @@ def apply_head_gates(
     parameter = next(model.parameters(), None)
     if parameter is not None:
         gate.to(parameter.device)
+    gate.train(model.training)  # a model in eval mode gets its deterministic gate, not samples
     if register is None:
         register = not isinstance(model, nn.Sequential)
     handle = HeadGateHandle(model, gate, blocks)

@@ -85,6 +85,7 @@ class RunConfig:
     sparsity_schedule: str = dataclasses.field(default="linear", metadata=NEUTRAL_AT_DEFAULT)
 
     def __post_init__(self):
+        self._check_types()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -116,14 +117,40 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "freeze", tuple(self.freeze))
 
+    def _check_types(self) -> None:
+        """Each field has its default's type (an int is accepted for a float); else ValueError."""
+        for field in dataclasses.fields(self):
+            value, default = getattr(self, field.name), field.default
+            if isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+                expected = "a list of strings"
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                expected = "a number"
+                if ok:
+                    object.__setattr__(self, field.name, float(value))
+            else:
+                ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+                expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
+            if not ok:
+                raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
-        """Build from a mapping, rejecting unknown keys with the list of known ones."""
+        """Build from a mapping, rejecting unknown keys with the list of known ones.
+
+        Raises:
+            ValueError: an unknown key, a value of the wrong type or out of range; the message
+                names ``where`` (the file, or the grid and row).
+        """
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{error} (in {where})") from error
 
     def key(self) -> str:
         """Stable id of this run: a hash of every field (a changed setting is a new run).
@@ -183,6 +210,10 @@ class GridConfig:
         Raises:
             ValueError: a setting that RunConfig rejects (named with its row).
         """
+        fixed = sorted({"seed", "target_sparsity"} & set(overrides or {}))
+        if fixed:
+            raise ValueError(f"{fixed} are set by the grid (seeds, full_seeds and each row's targets), not by --set; "
+                             "edit the grid file or pass --grid-file")
         seeds = self.full_seeds if full else self.seeds
         cells = []
         for row in self.rows:
@@ -225,7 +256,7 @@ def load_grid(path: str | pathlib.Path) -> GridConfig:
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"grid file {path} not found; run from the repository root or pass --grid PATH")
+        raise FileNotFoundError(f"grid file {path} not found; run from the repository root or pass --grid-file PATH")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:

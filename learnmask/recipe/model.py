@@ -33,6 +33,7 @@ def load_classifier(model_path: str | os.PathLike | None, num_labels: int):
 
     Raises:
         FileNotFoundError: the folder or its ``config.json`` is missing.
+        ValueError: the folder holds no loadable weights or tokenizer.
         ImportError: ``transformers`` is not installed (``pip install learnmask[hf]``).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,8 +46,14 @@ def load_classifier(model_path: str | os.PathLike | None, num_labels: int):
         raise ImportError("loading pretrained models needs transformers: pip install 'learnmask[hf]'") from error
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        # a checkpoint fine-tuned for another label set gets a new head of num_labels outputs
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"could not load a classifier from {folder}: {error}") from error
     return tokenizer, model
 
 

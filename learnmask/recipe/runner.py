@@ -60,10 +60,10 @@ def run_grid(
     written = []
     if not todo:
         return written
-    bar = _bar(len(todo), show_progress)
+    bar = progress_bar(len(todo), show_progress, unit="cell")
     for label, cfg in todo:
         bar.set_description(f"{label} @ {cfg.target_sparsity:g}, seed {cfg.seed}")
-        steps = _bar(None, show_progress, leave=False, unit="step")
+        steps = progress_bar(None, show_progress, leave=False, unit="step")
         metrics = fit(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps)
         steps.close()
         record = _record(grid.name, label, cfg, metrics)
@@ -98,7 +98,8 @@ class _NoBar:
         pass
 
 
-def _bar(total, show: bool, **kwargs):
+def progress_bar(total, show: bool, **kwargs):
+    """A tqdm bar, or a silent stand-in when ``show`` is false or tqdm is missing."""
     if not show:
         return _NoBar()
     try:

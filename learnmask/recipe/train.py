@@ -143,10 +143,9 @@ def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progr
     run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, cache_dir, progress)
-    start = time.perf_counter()
     trainer = Trainer(cfg, prepared, run_dir)
     trainer.run(progress)
-    metrics = {"train_seconds": round(time.perf_counter() - start, 1), **prepared.extra, **trainer.final_metrics()}
+    metrics = {"train_seconds": round(trainer.seconds(), 1), **prepared.extra, **trainer.final_metrics()}
     metrics["accuracy"] = accuracy(prepared.model, prepared.test, prepared.pad_id)
     if cfg.method == "dense":
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +185,7 @@ class Trainer:
         self.target_history: list[float] = []
         self.step = 0
         self.loss_history: list[float] = []  # task loss of every step run in this process
+        self._seconds_before, self._started = 0.0, time.perf_counter()  # training time, across resumes
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def _base_lr(self, step: int) -> float:
@@ -285,6 +285,10 @@ class Trainer:
                 self._fix_mask()
             self._checkpoint()
 
+    def seconds(self) -> float:
+        """Seconds spent training this run so far, summed over every process that worked on it."""
+        return self._seconds_before + time.perf_counter() - self._started
+
     def _checkpoint(self) -> None:
         gate = self.p.handle.gate if self.p.handle else None
         state = {
@@ -294,6 +298,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "controller": self.controller.state_dict() if self.controller else None,
             "history": (self.sparsity_history, self.target_history),
+            "seconds": self.seconds(),
             "fixed_mask": gate.deterministic_mask().detach() if isinstance(gate, FixedGate) else None,
             "rng": torch.get_rng_state(),
             "key": self.cfg.key(),
@@ -317,6 +322,7 @@ class Trainer:
         self.sparsity_history, self.target_history = (list(h) for h in state["history"])
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
+        self._seconds_before, self._started = state["seconds"], time.perf_counter()
         logger.info("resumed %s at step %d", self.run_dir, self.step)
 
     def final_metrics(self) -> dict:
