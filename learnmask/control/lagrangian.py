@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .schedules import ConstantTarget, Schedule, check_target_sparsity
 
-__all__ = ["lagrangian_penalty", "LagrangianController"]
+__all__ = ["lagrangian_penalty", "MultiplierController", "LagrangianController"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,108 @@ def _check_state_keys(state: dict[str, Any], expected: set[str], owner: str) -> 
         )
 
 
-class LagrangianController:
+class MultiplierController:
+    """Shared part of the controllers whose penalty is ``lambda_1 (s-t) + (lambda_2 + c/2)(s-t)^2``.
+
+    Subclasses set ``lambda_1`` (and ``lambda_2``, 0 unless they move it) and implement
+    :meth:`_update`, which moves the multipliers from a finite error ``e = s - t``.
+    Holds the target schedule, the damping coefficient ``c``, the step counter and the
+    ``s`` recorded by :meth:`penalty` for the next :meth:`step`.
+    """
+
+    lambda_2: float = 0.0
+
+    def _setup(self, target: float | Schedule, damping: float, lambda_1: float) -> None:
+        if isinstance(target, numbers.Real) and not isinstance(target, bool):
+            target = ConstantTarget(float(target))
+        elif not callable(target):
+            raise TypeError(
+                "target must be a float in [0, 1) or a schedule callable(step) -> float; "
+                f"got {type(target).__name__}"
+            )
+        self._schedule: Schedule = target
+        self.damping = _check_real(damping, "damping", minimum=0.0)
+        self.lambda_1 = _check_real(lambda_1, "lambda_1")
+        self.step_count = 0
+        self._pending: tuple[float, float] | None = None  # (s, t) recorded by penalty()
+        self._last: dict[str, float] = {"sparsity": math.nan, "penalty": math.nan}
+
+    @property
+    def target(self) -> float:
+        """Current target sparsity ``t(step_count)``, a float in [0, 1).
+
+        Raises:
+            ValueError: the schedule returned a value outside [0, 1).
+        """
+        return check_target_sparsity(self._schedule(self.step_count), "schedule(step)")
+
+    def penalty(self, s: Tensor | float) -> Tensor:
+        """Penalty for the measured sparsity ``s``; records ``s`` for the next :meth:`step`.
+
+        Args:
+            s: expected sparsity of the gated model, a 0-dim tensor in [0, 1] with gradient
+                to the gates (a float is accepted and wrapped).
+
+        Returns:
+            0-dim tensor ``lambda_1 (s-t) + lambda_2 (s-t)^2 + (damping/2)(s-t)^2`` with
+            the multipliers as constants (gradient flows to ``s`` only). If ``s`` is NaN or
+            inf, a zero tensor (no gradient) on ``s``'s device and dtype, and a warning is
+            logged.
+
+        Raises:
+            ValueError: ``s`` is not 0-dim, or is finite but outside [0, 1].
+        """
+        s, value = _as_sparsity(s)
+        t = self.target
+        self._pending = (value, t)
+        if not math.isfinite(value):
+            logger.warning(
+                "%s.penalty: non-finite sparsity %r at step %d; returning a zero penalty",
+                type(self).__name__, value, self.step_count,
+            )
+            self._last = {"sparsity": value, "penalty": 0.0}
+            return s.detach().new_zeros(())
+        gap = value - t
+        self._last = {
+            "sparsity": value,
+            "penalty": self.lambda_1 * gap + (self.lambda_2 + 0.5 * self.damping) * gap * gap,
+        }
+        penalty = lagrangian_penalty(s, t, self.lambda_1, self.lambda_2)
+        if self.damping:
+            penalty = penalty + 0.5 * self.damping * (s - t) ** 2
+        return penalty
+
+    def step(self) -> None:
+        """Move the multipliers with the ``s`` recorded by :meth:`penalty`, then count the step.
+
+        The recorded ``s`` is consumed: each step needs a fresh :meth:`penalty` call. A
+        non-finite recorded ``s`` leaves the multipliers unchanged (warning logged) but
+        still advances ``step_count``.
+
+        Raises:
+            RuntimeError: no ``s`` recorded since the last step.
+        """
+        if self._pending is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called with no recorded sparsity; "
+                "call penalty(s) first in each training step, then step() once"
+            )
+        s, t = self._pending
+        self._pending = None
+        if math.isfinite(s):
+            self._update(s - t)
+        else:
+            logger.warning(
+                "%s.step: non-finite sparsity %r at step %d; multipliers left unchanged "
+                "(lambda_1=%r, lambda_2=%r)", type(self).__name__, s, self.step_count, self.lambda_1, self.lambda_2,
+            )
+        self.step_count += 1
+
+    def _update(self, error: float) -> None:
+        raise NotImplementedError
+
+
+class LagrangianController(MultiplierController):
     """Drive the expected sparsity ``s`` to a target ``t(step)`` by dual ascent.
 
     The model minimises ``loss + penalty(s)`` with
@@ -202,98 +303,15 @@ class LagrangianController:
         lambda_2: float = 0.0,
         damping: float = 10.0,
     ) -> None:
-        if isinstance(target, numbers.Real) and not isinstance(target, bool):
-            target = ConstantTarget(float(target))
-        elif not callable(target):
-            raise TypeError(
-                "target must be a float in [0, 1) or a schedule callable(step) -> float; "
-                f"got {type(target).__name__}"
-            )
-        self._schedule: Schedule = target
+        self._setup(target, damping, lambda_1)
         self.lr = _check_real(lr, "lr", positive=True)
-        self.damping = _check_real(damping, "damping", minimum=0.0)
-        self.lambda_1 = _check_real(lambda_1, "lambda_1")
         self.lambda_2 = _check_real(lambda_2, "lambda_2", minimum=0.0)
-        self.step_count = 0
-        self._pending: tuple[float, float] | None = None  # (s, t) recorded by penalty()
-        self._last: dict[str, float] = {"sparsity": math.nan, "penalty": math.nan}
         self.target  # validate the schedule's value at step 0 now, not mid-training
 
-    @property
-    def target(self) -> float:
-        """Current target sparsity ``t(step_count)``, a float in [0, 1).
-
-        Raises:
-            ValueError: the schedule returned a value outside [0, 1).
-        """
-        return check_target_sparsity(self._schedule(self.step_count), "schedule(step)")
-
-    def penalty(self, s: Tensor | float) -> Tensor:
-        """Penalty for the measured sparsity ``s``; records ``s`` for the next :meth:`step`.
-
-        Args:
-            s: expected sparsity of the gated model, a 0-dim tensor in [0, 1] with gradient
-                to the gates (a float is accepted and wrapped).
-
-        Returns:
-            0-dim tensor ``lambda_1 (s-t) + lambda_2 (s-t)^2 + (damping/2)(s-t)^2`` with
-            the multipliers as constants (gradient flows to ``s`` only). If ``s`` is NaN or
-            inf, a zero tensor (no gradient) on ``s``'s device and dtype, and a warning is
-            logged.
-
-        Raises:
-            ValueError: ``s`` is not 0-dim, or is finite but outside [0, 1].
-        """
-        s, value = _as_sparsity(s)
-        t = self.target
-        self._pending = (value, t)
-        if not math.isfinite(value):
-            logger.warning(
-                "LagrangianController.penalty: non-finite sparsity %r at step %d; "
-                "returning a zero penalty", value, self.step_count,
-            )
-            self._last = {"sparsity": value, "penalty": 0.0}
-            return s.detach().new_zeros(())
-        gap = value - t
-        self._last = {
-            "sparsity": value,
-            "penalty": self.lambda_1 * gap
-            + (self.lambda_2 + 0.5 * self.damping) * gap * gap,
-        }
-        penalty = lagrangian_penalty(s, t, self.lambda_1, self.lambda_2)
-        if self.damping:
-            penalty = penalty + 0.5 * self.damping * (s - t) ** 2
-        return penalty
-
-    def step(self) -> None:
-        """One dual-ascent step with the ``s`` recorded by :meth:`penalty`, then count.
-
-        ``lambda_1 += lr (s - t)``, ``lambda_2 += lr (s - t)^2``, ``step_count += 1``.
-        The recorded ``s`` is consumed: each step needs a fresh :meth:`penalty` call. A
-        non-finite recorded ``s`` leaves the multipliers unchanged (warning logged) but
-        still advances ``step_count``.
-
-        Raises:
-            RuntimeError: no ``s`` recorded since the last step.
-        """
-        if self._pending is None:
-            raise RuntimeError(
-                "LagrangianController.step() called with no recorded sparsity; "
-                "call penalty(s) first in each training step, then step() once"
-            )
-        s, t = self._pending
-        self._pending = None
-        if math.isfinite(s):
-            gap = s - t
-            self.lambda_1 += self.lr * gap
-            self.lambda_2 += self.lr * gap * gap
-        else:
-            logger.warning(
-                "LagrangianController.step: non-finite sparsity %r at step %d; "
-                "multipliers left unchanged (lambda_1=%r, lambda_2=%r)",
-                s, self.step_count, self.lambda_1, self.lambda_2,
-            )
-        self.step_count += 1
+    def _update(self, error: float) -> None:
+        """Dual ascent: ``lambda_1 += lr e``, ``lambda_2 += lr e^2``."""
+        self.lambda_1 += self.lr * error
+        self.lambda_2 += self.lr * error * error
 
     def last_metrics(self) -> dict[str, float]:
         """Values for logging: ``target`` (current), ``sparsity`` and ``penalty`` (from the

@@ -22,20 +22,15 @@ and the model minimises ``loss + lambda_1 (s - t) + (damping / 2)(s - t)^2``.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from typing import Any
 
-from torch import Tensor
-
 from .lagrangian import (
-    _as_sparsity,
+    MultiplierController,
     _check_real,
     _check_state_keys,
     _check_step_count,
-    lagrangian_penalty,
 )
-from .schedules import ConstantTarget, Schedule, check_target_sparsity
+from .schedules import Schedule
 
 __all__ = ["PIDController", "PIController"]
 
@@ -55,7 +50,7 @@ def _check_integral_clip(value: object) -> float | None:
     return _check_real(value, "integral_clip", positive=True)
 
 
-class PIDController:
+class PIDController(MultiplierController):
     """Drive the expected sparsity ``s`` to a target ``t(step)`` with a PID multiplier.
 
     Same interface as :class:`~learnmask.control.lagrangian.LagrangianController`
@@ -141,96 +136,16 @@ class PIDController:
         integral_clip: float | None = 0.01,
         lambda_1: float = 0.0,
     ) -> None:
-        if isinstance(target, numbers.Real) and not isinstance(target, bool):
-            target = ConstantTarget(float(target))
-        elif not callable(target):
-            raise TypeError(
-                "target must be a float in [0, 1) or a schedule callable(step) -> float; "
-                f"got {type(target).__name__}"
-            )
-        self._schedule: Schedule = target
+        self._setup(target, damping, lambda_1)
         self.kp = _check_real(kp, "kp", minimum=0.0)
         self.ki = _check_real(ki, "ki", minimum=0.0)
         self.kd = _check_real(kd, "kd", minimum=0.0)
-        self.damping = _check_real(damping, "damping", minimum=0.0)
         self.ema = _check_ema(ema)
         self.integral_clip = _check_integral_clip(integral_clip)
-        self.lambda_1 = _check_real(lambda_1, "lambda_1")
         self.integral = self.lambda_1
         self.error_ema: float | None = None  # xi; None until the first finite error
-        self.step_count = 0
-        self._pending: tuple[float, float] | None = None  # (s, t) recorded by penalty()
-        self._last: dict[str, float] = {"sparsity": math.nan, "penalty": math.nan}
         self._terms = {"p_term": 0.0, "i_term": self.integral, "d_term": 0.0}
         self.target  # validate the schedule's value at step 0 now
-
-    @property
-    def target(self) -> float:
-        """Current target sparsity ``t(step_count)``, a float in [0, 1).
-
-        Raises:
-            ValueError: the schedule returned a value outside [0, 1).
-        """
-        return check_target_sparsity(self._schedule(self.step_count), "schedule(step)")
-
-    def penalty(self, s: Tensor | float) -> Tensor:
-        """Penalty for the measured sparsity ``s``; records ``s`` for the next :meth:`step`.
-
-        Args:
-            s: expected sparsity, a 0-dim tensor in [0, 1] with gradient to the gates.
-
-        Returns:
-            0-dim tensor ``lambda_1 (s - t) + (damping / 2)(s - t)^2`` (gradient to ``s``
-            only); a zero tensor on ``s``'s device and dtype, with a warning, if ``s`` is
-            NaN or inf.
-
-        Raises:
-            ValueError: ``s`` is not 0-dim, or is finite but outside [0, 1].
-        """
-        s, value = _as_sparsity(s)
-        t = self.target
-        self._pending = (value, t)
-        if not math.isfinite(value):
-            logger.warning(
-                "%s.penalty: non-finite sparsity %r at step %d; returning a zero penalty",
-                type(self).__name__, value, self.step_count,
-            )
-            self._last = {"sparsity": value, "penalty": 0.0}
-            return s.detach().new_zeros(())
-        gap = value - t
-        self._last = {
-            "sparsity": value,
-            "penalty": self.lambda_1 * gap + 0.5 * self.damping * gap * gap,
-        }
-        penalty = lagrangian_penalty(s, t, self.lambda_1, 0.0)
-        if self.damping:
-            penalty = penalty + 0.5 * self.damping * (s - t) ** 2
-        return penalty
-
-    def step(self) -> None:
-        """Update ``lambda_1`` by the PID law from the recorded ``s``, then count the step.
-
-        A non-finite recorded ``s`` leaves the controller state unchanged (warning logged)
-        but still advances ``step_count``.
-
-        Raises:
-            RuntimeError: no ``s`` recorded since the last step.
-        """
-        if self._pending is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called with no recorded sparsity; "
-                "call penalty(s) first in each training step, then step() once"
-            )
-        s, t = self._pending
-        self._pending = None
-        if math.isfinite(s):
-            self._update(s - t)
-        else:
-            logger.warning(
-                "%s.step: non-finite sparsity %r at step %d; multiplier left unchanged "
-                "(lambda_1=%r)", type(self).__name__, s, self.step_count, self.lambda_1,
-            )
-        self.step_count += 1
 
     def _update(self, error: float) -> None:
         clipped = error
