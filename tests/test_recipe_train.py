@@ -141,3 +141,15 @@ def test_cubic_target_schedule_is_used(tiny, tmp_path):
     assert trainer.target(3) == pytest.approx(0.5 + (0.0 - 0.5) * (1 - 3 / 6) ** 3)
     with pytest.raises(ValueError, match="unknown sparsity_schedule 'square'"):
         config(sparsity_schedule="square")
+
+
+def test_user_file_columns_reach_the_loader(tmp_path, monkeypatch):
+    """dataset = "file" with its own column names; a missing column is named in the error."""
+    path = tmp_path / "mine.csv"
+    path.write_text("sentence,y\n" + "".join(f"text {i},{'a' if i % 2 else 'b'}\n" for i in range(10)))
+    monkeypatch.setattr(recipe, "load_classifier", lambda *a: (_ for _ in ()).throw(RuntimeError("loaded data first")))
+    cfg = RunConfig(dataset="file", dataset_path=str(path), text_column="sentence", label_column="y", test_size=2)
+    with pytest.raises(RuntimeError, match="loaded data first"):  # the data loaded with these columns
+        recipe._load(cfg)
+    with pytest.raises(ValueError, match=r"no column 'text'; columns found: \['sentence', 'y'\]"):
+        recipe._load(RunConfig(dataset="file", dataset_path=str(path), test_size=2))

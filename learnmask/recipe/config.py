@@ -53,6 +53,7 @@ class RunConfig:
             learning rate ``controller_lr``), ``pi`` (PI control of the multiplier, Stooke et
             al. 2020, gains ``controller_kp``, ``controller_ki``) or ``fixed`` (a constant L0
             penalty ``l0_weight``, no target: the baseline).
+        text_column, label_column: columns of a user's own file (``dataset = "file"``).
         sparsity_schedule: how the target rises over ``sparsity_warmup``: ``linear`` or
             ``cubic`` (Zhu & Gupta, 2017), or ``constant`` (the final target from step 0).
     """
@@ -83,6 +84,8 @@ class RunConfig:
     controller_ki: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
     l0_weight: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
     sparsity_schedule: str = dataclasses.field(default="linear", metadata=NEUTRAL_AT_DEFAULT)
+    text_column: str = dataclasses.field(default="text", metadata=NEUTRAL_AT_DEFAULT)
+    label_column: str = dataclasses.field(default="label", metadata=NEUTRAL_AT_DEFAULT)
 
     def __post_init__(self):
         self._check_types()

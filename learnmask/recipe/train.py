@@ -60,7 +60,8 @@ class Prepared:
 
 def _load(cfg: RunConfig):
     torch.manual_seed(cfg.seed)  # the new classification head is drawn from this
-    data = load_dataset(cfg.dataset, cfg.dataset_path or None, test_size=cfg.test_size)
+    columns = {"text_column": cfg.text_column, "label_column": cfg.label_column} if cfg.dataset == "file" else {}
+    data = load_dataset(cfg.dataset, cfg.dataset_path or None, test_size=cfg.test_size, **columns)
     tokenizer, model = load_classifier(cfg.model_path, data.num_labels)
     freeze_parameters(model, cfg.freeze)
     train = encode(tokenizer, data.train_texts, data.train_labels, cfg.max_length)
