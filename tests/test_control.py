@@ -20,11 +20,7 @@ from learnmask.control import (
     make_schedule,
 )
 
-F64 = torch.float64
-
-
-def t64(x: float, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64, requires_grad=requires_grad)
+from control_plant import t64, toy_plant
 
 
 # --------------------------------------------------------------------------------------
@@ -123,19 +119,8 @@ TOL = 0.01
 
 def run_plant(ctl, optimizer: str, lr: float, steps: int) -> list[float]:
     """Close the loop on s = sigmoid(θ) from s = 0.1; return the gaps s - t per step."""
-    theta = torch.tensor(math.log(0.1 / 0.9), dtype=F64, requires_grad=True)
-    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
-    opt = opt_cls([theta], lr=lr)
-    gaps = []
-    for _ in range(steps):
-        s = torch.sigmoid(theta)
-        gaps.append(s.item() - ctl.target)
-        loss = ctl.penalty(s)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ctl.step()
-    return gaps
+    sparsity, target = toy_plant(ctl, optimizer, lr, steps)
+    return [s - t for s, t in zip(sparsity, target)]
 
 
 def settle_step(gaps: list[float], tol: float = TOL) -> int | None:
