@@ -112,6 +112,16 @@ def test_new_options_at_default_keep_old_run_keys():
     assert RunConfig(method="hard_concrete", target_sparsity=0.9, controller="pi").key() != "93b58a5c2ab4a511"
 
 
+@pytest.mark.parametrize("controller", ["lagrangian", "pi"])
+def test_controller_damping_reaches_the_controller(controller):
+    cfg = RunConfig(method="hard_concrete", target_sparsity=0.5, controller=controller, controller_damping=30.0)
+    assert recipe.make_controller(cfg, lambda step: 0.5).damping == 30.0
+    assert recipe.make_controller(RunConfig(method="hard_concrete", target_sparsity=0.5, controller=controller),
+                                  lambda step: 0.5).damping == 10.0
+    with pytest.raises(ValueError, match="controller_damping must be >= 0"):
+        RunConfig(method="hard_concrete", target_sparsity=0.5, controller_damping=-1.0)
+
+
 def test_non_finite_loss_skips_the_step_and_leaves_controller_state(tiny, tmp_path, monkeypatch):
     cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=1, gate_phase=1.0)
     prepared = recipe.prepare(cfg, tmp_path)

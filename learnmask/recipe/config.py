@@ -53,6 +53,8 @@ class RunConfig:
             learning rate ``controller_lr``), ``pi`` (PI control of the multiplier, Stooke et
             al. 2020, gains ``controller_kp``, ``controller_ki``) or ``fixed`` (a constant L0
             penalty ``l0_weight``, no target: the baseline).
+        controller_damping: coefficient ``c`` >= 0 of the damping term ``(c/2)(s - t)^2`` that
+            the Lagrangian and PI controllers add to the penalty (Platt & Barr, 1988).
         text_column, label_column: columns of a user's own file (``dataset = "file"``).
         sparsity_schedule: how the target rises over ``sparsity_warmup``: ``linear`` or
             ``cubic`` (Zhu & Gupta, 2017), or ``constant`` (the final target from step 0).
@@ -82,6 +84,7 @@ class RunConfig:
     controller: str = dataclasses.field(default="lagrangian", metadata=NEUTRAL_AT_DEFAULT)
     controller_kp: float = dataclasses.field(default=1.0, metadata=NEUTRAL_AT_DEFAULT)
     controller_ki: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
+    controller_damping: float = dataclasses.field(default=10.0, metadata=NEUTRAL_AT_DEFAULT)
     l0_weight: float = dataclasses.field(default=0.1, metadata=NEUTRAL_AT_DEFAULT)
     sparsity_schedule: str = dataclasses.field(default="linear", metadata=NEUTRAL_AT_DEFAULT)
     text_column: str = dataclasses.field(default="text", metadata=NEUTRAL_AT_DEFAULT)
@@ -115,7 +118,7 @@ class RunConfig:
             raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; expected one of {list(SCHEDULE_KINDS)}")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {self.controller!r}; expected one of {list(CONTROLLERS)}")
-        for name in ("controller_kp", "controller_ki", "l0_weight"):
+        for name in ("controller_kp", "controller_ki", "controller_damping", "l0_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "freeze", tuple(self.freeze))

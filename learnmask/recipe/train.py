@@ -158,9 +158,9 @@ def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progr
 def make_controller(cfg: RunConfig, target):
     """The controller ``cfg.controller`` names, driving expected head sparsity to ``target(step)``."""
     if cfg.controller == "lagrangian":
-        return LagrangianController(target, lr=cfg.controller_lr)
+        return LagrangianController(target, lr=cfg.controller_lr, damping=cfg.controller_damping)
     if cfg.controller == "pi":
-        return PIController(target, kp=cfg.controller_kp, ki=cfg.controller_ki)
+        return PIController(target, kp=cfg.controller_kp, ki=cfg.controller_ki, damping=cfg.controller_damping)
     return FixedPenalty(cfg.l0_weight)
 
 
