@@ -4,6 +4,7 @@ and the registered kinds "hard_concrete", "topk", "threshold", "gumbel_sigmoid" 
 Importing this package registers all built-in kinds.
 """
 
+from learnmask.gates.annealing import TemperatureAnnealer, temperature_at
 from learnmask.gates.base import Gate, available_gates, make_gate, param_groups, register_gate
 from learnmask.gates.fixed import FixedGate
 from learnmask.gates.hard_concrete import HardConcreteGate
@@ -20,4 +21,6 @@ __all__ = [
     "ThresholdGate",
     "GumbelSigmoidGate",
     "FixedGate",
+    "TemperatureAnnealer",
+    "temperature_at",
 ]

@@ -180,6 +180,17 @@ class Gate(nn.Module):
         """``()`` expected number of units kept, in [0, N] (differentiable where possible)."""
         raise NotImplementedError(f"{type(self).__name__} must implement expected_l0()")
 
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` probability that each unit is kept, in [0, 1].
+
+        Used to count expected remaining parameters unit by unit (CoFi, Xia, Zhong & Chen
+        2022). Kinds override it with their exact per-unit value; this default spreads
+        ``expected_l0()`` evenly over the N units (same sum, same gradient of the sum), so a
+        user's gate that only defines ``expected_l0()`` still works.
+        """
+        l0 = self.expected_l0()
+        return l0 / self.numel * torch.ones(self.shape, dtype=l0.dtype, device=l0.device)
+
     def keep_ratio(self) -> Tensor:
         """``()`` expected fraction of units kept, ``expected_l0() / N``, in [0, 1]."""
         return self.expected_l0() / self.numel

@@ -128,5 +128,9 @@ class FixedGate(Gate):
         """``()`` number of kept units (float, no gradient)."""
         return self.mask.sum()
 
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` the fixed 0/1 mask."""
+        return self.mask
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kept={int(self.mask.sum())}"

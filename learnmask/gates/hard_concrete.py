@@ -21,6 +21,7 @@ from learnmask.functional import (
     deterministic_gate,
     expected_l0,
     hard_concrete_sample,
+    prob_nonzero,
 )
 from learnmask.gates.base import Gate, _validate_keep_ratio, register_gate
 
@@ -65,7 +66,7 @@ class HardConcreteGate(Gate):
         init_log_alpha: float | Tensor | None = None,
         init_keep_ratio: float | None = None,
     ) -> None:
-        self.temperature = _check_temperature(temperature)
+        self._temperature = _check_temperature(temperature)
         self.stretch = _check_stretch(stretch)
         keep = _validate_keep_ratio(init_keep_ratio)
         if init_log_alpha is not None and keep is not None:
@@ -100,6 +101,19 @@ class HardConcreteGate(Gate):
     def expected_l0(self) -> Tensor:
         """``()`` Σ P(z != 0) in [0, N], differentiable in ``log_alpha``."""
         return expected_l0(self.log_alpha, temperature=self.temperature, stretch=self.stretch)
+
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` P(z != 0) per unit in [0, 1] (Louizos et al. 2018, Eq. 12), differentiable."""
+        return prob_nonzero(self.log_alpha, temperature=self.temperature, stretch=self.stretch)
+
+    @property
+    def temperature(self) -> float:
+        """β > 0; settable, so a schedule can anneal it (see :mod:`learnmask.gates.annealing`)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_temperature(value)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature:.4g}, stretch={self.stretch}"

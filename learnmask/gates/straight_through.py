@@ -127,6 +127,10 @@ class TopKGate(Gate):
         return torch.tensor(float(self._kept()), dtype=self.log_alpha.dtype,
                             device=self.log_alpha.device)
 
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` the current 0/1 top-k mask (no gradient, like ``expected_l0``)."""
+        return topk_mask(self.log_alpha.detach(), self._kept()).to(self.log_alpha.dtype)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"
 
@@ -192,6 +196,10 @@ class ThresholdGate(Gate):
         """``()`` number of units kept (value), gradient of Σ sigmoid(log_alpha)."""
         return straight_through_threshold(self.log_alpha, self.threshold).sum()
 
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` 0/1 kept mask (value) with the gradient of sigmoid(log_alpha)."""
+        return straight_through_threshold(self.log_alpha, self.threshold)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
 
@@ -226,7 +234,7 @@ class GumbelSigmoidGate(Gate):
         init_log_alpha: float | Tensor | None = None,
         init_keep_ratio: float | None = None,
     ) -> None:
-        self.temperature = _check_temperature(temperature)
+        self._temperature = _check_temperature(temperature)
         keep = _validate_keep_ratio(init_keep_ratio)
         _check_both(init_log_alpha, "init_keep_ratio", init_keep_ratio)
         if keep is not None:
@@ -248,6 +256,19 @@ class GumbelSigmoidGate(Gate):
     def expected_l0(self) -> Tensor:
         """``()`` Σ sigmoid(log_alpha) in [0, N], differentiable."""
         return torch.sigmoid(self.log_alpha).sum()
+
+    def keep_probabilities(self) -> Tensor:
+        """``(*shape)`` P(hard z = 1) = sigmoid(log_alpha) per unit, differentiable."""
+        return torch.sigmoid(self.log_alpha)
+
+    @property
+    def temperature(self) -> float:
+        """τ > 0; settable, so a schedule can anneal it (see :mod:`learnmask.gates.annealing`)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_temperature(value)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature:.4g}, hard={self.hard}"
