@@ -1,0 +1,215 @@
+"""The ``triton`` masked-attention backend: a fused FlashAttention-2 kernel (Dao, 2023) that skips
+fully masked blocks and fuses soft token gates.
+
+The kernel evaluates a :class:`~learnmask.ops.structure.MaskStructure` (causal, prefix-LM, sliding
+window, chunks, packed documents, key padding) from a few integers and small per-row tables: each
+query block visits only the key blocks that hold a kept pair, evaluates the mask elementwise only in
+partial blocks, and never allocates a (B, H, Q, K) tensor. A token gate z (B, K) adds ``log z[b, j]``
+to the scores inside the kernel (z == 0 removes the key) and gets its gradient from the backward
+kernel; a head gate scales the output with plain autograd.
+
+Runs on CUDA (fp16, bf16, fp32; fp32 matmuls in full IEEE precision, not TF32); on CPU only under
+Triton's interpreter, which is enabled by ``TRITON_INTERPRET=1`` in the environment *before*
+``learnmask.ops.triton_kernels`` is first imported (``@triton.jit`` reads it at import, not at
+launch) — meant for tests at small shapes.
+
+Legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), Q query length, K key length,
+D head dim, Dv value head dim (each at most 128; other than powers of two they are zero-padded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from learnmask.ops.base import AttentionInputs
+from learnmask.ops.structure import MaskStructure
+
+MAX_HEAD_DIM = 128
+_KERNELS = "learnmask.ops.triton_kernels"
+
+
+def interpreting() -> bool:
+    """Whether the kernels run (or, once imported, would run) in Triton's CPU interpreter."""
+    module = sys.modules.get(_KERNELS)
+    if module is not None:
+        return bool(module.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _structure_of(inputs: AttentionInputs) -> MaskStructure | None:
+    if inputs.structure is not None:
+        return inputs.structure
+    return MaskStructure() if inputs.mask is None else None
+
+
+def _shape_reasons(name: str, t: Tensor | None, expected: tuple[int, ...], batch: int) -> list[str]:
+    if t is None:
+        return []
+    if t.dim() != len(expected) or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != expected[1:]:
+        return [f"{name} has shape {tuple(t.shape)}; expected {expected} (or batch 1)"]
+    return []
+
+
+def _structure_reasons(s: MaskStructure, batch: int, q_len: int, kv_len: int) -> list[str]:
+    reasons = _shape_reasons("q_document_ids", s.q_document_ids, (batch, q_len), batch)
+    reasons += _shape_reasons("kv_document_ids", s.kv_document_ids, (batch, kv_len), batch)
+    reasons += _shape_reasons("key_padding", s.key_padding, (batch, kv_len), batch)
+    if s.prefix_lengths is not None and s.prefix_lengths.numel() not in (1, batch):
+        reasons.append(f"prefix_lengths has {s.prefix_lengths.numel()} values; expected {batch} (one per batch)")
+    return reasons
+
+
+def _tensor_reasons(inputs: AttentionInputs) -> list[str]:
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return [f"q, k, v must be 4-d (B, H, S, D); got {q.dim()}, {k.dim()}, {v.dim()} dims"]
+    reasons = []
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
+        reasons.append(f"head dims D={q.shape[3]}, Dv={v.shape[3]}; the kernel takes at most {MAX_HEAD_DIM}")
+    if k.shape[3] != q.shape[3]:
+        reasons.append(f"q head dim {q.shape[3]} != k head dim {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        reasons.append(f"query heads {q.shape[1]} are not a multiple of key/value heads {k.shape[1]}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        reasons.append("empty sequence (Q == 0 or K == 0); use the reference backend")
+    if inputs.token_gate is not None and tuple(inputs.token_gate.shape) not in ((q.shape[0], k.shape[2]),
+                                                                                (1, k.shape[2])):
+        reasons.append(f"token_gate has shape {tuple(inputs.token_gate.shape)}; expected (B, K) = "
+                       f"({q.shape[0]}, {k.shape[2]})")
+    return reasons
+
+
+class TritonBackend:
+    """Fused block-sparse masked attention (FlashAttention-2, Dao 2023) for structured masks.
+
+    ``block_sizes`` (BLOCK_M, BLOCK_N) fixes the tile sizes (powers of two >= 16); None autotunes a
+    few configurations per shape on CUDA and uses (16, 16) in the interpreter.
+    """
+
+    name = "triton"
+
+    def __init__(self, block_sizes: tuple[int, int] | None = None) -> None:
+        self.block_sizes = block_sizes
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """One sentence per reason this backend cannot compute ``inputs`` (empty when it can)."""
+        reasons = []
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton is not installed (pip install 'learnmask[triton]')")
+        device = inputs.q.device.type
+        if device != "cuda" and not interpreting():
+            reasons.append(f"tensors are on {device}; the triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
+                           f"before {_KERNELS} is imported, for tests)")
+        structure = _structure_of(inputs)
+        if structure is None:
+            reasons.append("the mask has no MaskStructure (a user predicate or a dense tensor); the triton "
+                           "kernel takes causal, prefix, window, chunk, document and key-padding masks")
+        reasons += _tensor_reasons(inputs)
+        if structure is not None and not reasons:
+            reasons += _structure_reasons(structure, inputs.q.shape[0], inputs.q.shape[2], inputs.k.shape[2])
+        return reasons
+
+    def __call__(self, inputs: AttentionInputs) -> Tensor:
+        """Output (B, Hq, Q, Dv) in q's dtype.
+
+        Raises:
+            ValueError: the inputs are not supported (the message lists the reasons).
+        """
+        reasons = self.not_supported_reasons(inputs)
+        if reasons:
+            raise ValueError("triton backend cannot run these inputs: " + "; ".join(reasons))
+        return _run(inputs.q, inputs.k, inputs.v, _structure_of(inputs), inputs.token_gate,
+                    inputs.head_gate, inputs.scale, self.block_sizes)
+
+
+def _blocks(block_sizes: tuple[int, int] | None) -> tuple[int, int] | None:
+    if block_sizes is None:
+        return (16, 16) if interpreting() else None
+    for size in block_sizes:
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16; got {block_sizes}")
+    return tuple(block_sizes)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, token_gate: Tensor | None):
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    z = None
+    if token_gate is not None:
+        z = token_gate.to(torch.float32).expand(q.shape[0], k.shape[2]).contiguous()
+    return q, k, v, z
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, token_gate: Tensor | None,
+         head_gate: Tensor | None, scale: float, block_sizes: tuple[int, int] | None) -> Tensor:
+    from learnmask.ops import triton_launch
+
+    q, k, v, z = _prepare(q, k, v, token_gate)
+    plan = triton_launch.LaunchPlan.build(structure, q, k, scale, _blocks(block_sizes))
+    out = triton_launch.FusedMaskedAttention.apply(q, k, v, z, plan)
+    if head_gate is not None:
+        pattern = "h -> 1 h 1 1" if head_gate.dim() == 1 else "b h -> b h 1 1"
+        out = out * rearrange(head_gate, pattern).to(out.dtype)
+    return out
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure | None = None, *,
+                     token_gate: Tensor | None = None, head_gate: Tensor | None = None,
+                     scale: float | None = None, block_sizes: tuple[int, int] | None = None) -> Tensor:
+    """Masked attention with the fused kernel, without going through ``masked_attention``.
+
+    Args:
+        q: (B, Hq, Q, D); k: (B, Hkv, K, D); v: (B, Hkv, K, Dv); one dtype (fp16, bf16 or fp32).
+        structure: the mask (None: every pair kept). Keep-mask convention: kept pairs attend.
+        token_gate: (B, K) in [0, 1]; z == 0 removes key j, z > 0 adds log z to its scores.
+        head_gate: (Hq,) or (B, Hq), multiplies each head's output.
+        scale: score scale (default 1 / sqrt(D)).
+        block_sizes: (BLOCK_M, BLOCK_N) or None (autotuned on CUDA, (16, 16) when interpreted).
+
+    Returns:
+        (B, Hq, Q, Dv) in q's dtype; rows keeping no key are exactly 0 with zero gradients.
+
+    Raises:
+        ValueError: the inputs are not supported (the message lists the reasons).
+    """
+    inputs = AttentionInputs(q=q, k=k, v=v, mask=structure, structure=structure or MaskStructure(),
+                             head_gate=head_gate, token_gate=token_gate,
+                             scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+    return TritonBackend(block_sizes)(inputs)
+
+
+def block_counts(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, *, block_m: int = 16,
+                 block_n: int = 16) -> dict[str, Tensor]:
+    """Blocks the kernels visit, for tests and benchmarks (runs the forward and dK/dV kernels once).
+
+    Returns:
+        ``forward``: (B, Hq, ceil(Q / block_m), 2) int32, per query block the key blocks visited
+        and how many of them were full (no elementwise mask); ``backward``: (B, Hkv,
+        ceil(K / block_n), 2), the same per key block over query blocks (summed over the group's
+        query heads, which share it, counted once).
+    """
+    from learnmask.ops import triton_launch
+
+    q, k, v, _ = _prepare(q, k, v, None)
+    plan = triton_launch.LaunchPlan.build(structure, q, k, 1.0 / math.sqrt(q.shape[-1]), _blocks((block_m, block_n)))
+    batch, heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    fwd = torch.zeros(batch, heads, -(-q_len // block_m), 2, dtype=torch.int32, device=q.device)
+    out, lse2 = triton_launch.forward(q, k, v, None, plan, count=fwd)
+    bwd = torch.zeros(batch, kv_heads, -(-kv_len // block_n), 2, dtype=torch.int32, device=q.device)
+    triton_launch.backward(torch.zeros_like(out), q, k, v, None, out, lse2, plan, need_dq=False, count=bwd)
+    return {"forward": fwd, "backward": bwd}
+
+
+BACKEND = TritonBackend()
+"""The instance ``masked_attention`` registers under the name ``"triton"``."""
