@@ -1,0 +1,25 @@
+"""Fixed masks: what a model may see (input tokens), where it may look (attention), what it may change.
+
+* :mod:`~learnmask.masks.inputs` -- MLM masking (token, whole-word, span, entity), causal-LM
+  labels, the masked-LM loss; :mod:`~learnmask.masks.collate` -- collate functions for a
+  ``DataLoader`` or the Hugging Face ``Trainer``.
+"""
+
+from .collate import CausalLMCollator, MLMCollator, tokenize_for_mlm
+from .inputs import (
+    IGNORE_INDEX,
+    MaskingVocab,
+    ReplacementSplit,
+    apply_replacement,
+    batch_word_ids,
+    candidate_mask,
+    causal_lm_labels,
+    keyword_spans,
+    mask_tokens,
+    mlm_loss,
+    select_char_spans,
+    select_spans,
+    select_tokens,
+    select_whole_words,
+    word_ids_from_offsets,
+)

@@ -1,0 +1,164 @@
+"""Word grouping with real fast tokenizers (never by ``##``), entity masking, collators, DataLoader, Trainer."""
+import pytest
+import torch
+
+from learnmask.masks.collate import CausalLMCollator, MLMCollator, pad_examples, tokenize_for_mlm
+from learnmask.masks.inputs import (
+    IGNORE_INDEX,
+    MaskingVocab,
+    batch_word_ids,
+    candidate_mask,
+    keyword_spans,
+    select_char_spans,
+    select_whole_words,
+    word_ids_from_offsets,
+)
+from tokenizers_for_tests import SENTENCES, byte_level_bpe, minilm_tokenizer, unigram_sentencepiece
+
+TOKENIZERS = {"wordpiece": minilm_tokenizer, "byte_level_bpe": byte_level_bpe, "sentencepiece_unigram": unigram_sentencepiece}
+TEXT = "Tokenization of unbelievably long words"
+
+
+def words_of(tokenizer, text):
+    """Whitespace words of ``text`` rebuilt from our word ids and the offsets."""
+    encoding = tokenizer([text], return_offsets_mapping=True)
+    word_ids = batch_word_ids(encoding)[0]
+    offsets = encoding["offset_mapping"][0]
+    spans = {}
+    for token, word in enumerate(word_ids.tolist()):
+        if word >= 0:
+            start, end = offsets[token]
+            spans.setdefault(word, [start, end])[1] = end
+    return [text[start:end].strip() for start, end in spans.values()], encoding.tokens(0), word_ids
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_word_ids_group_the_pieces_of_each_word(name):
+    tokenizer = TOKENIZERS[name]()
+    words, tokens, word_ids = words_of(tokenizer, TEXT)
+    assert words == TEXT.split()
+    assert max(torch.bincount(word_ids[word_ids >= 0]).tolist()) >= 2  # some word really has several pieces
+    if name != "wordpiece":
+        assert not any(token.startswith("##") for token in tokens)  # a `##` rule would see one word per piece
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_offsets_give_the_same_words_as_word_ids(name):
+    tokenizer = TOKENIZERS[name]()
+    texts = ["the quick brown fox", "unbelievably long words here"]
+    encoding = tokenizer(texts, padding=True, return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+    candidates = candidate_mask(encoding["input_ids"], encoding["attention_mask"], special_tokens_mask=encoding["special_tokens_mask"])
+    from_offsets = word_ids_from_offsets(encoding["offset_mapping"], texts, candidates)
+    assert torch.equal(from_offsets, batch_word_ids(encoding).masked_fill(~candidates, -1))
+
+
+def test_text_pairs_never_share_word_ids_across_sequences():
+    tokenizer = minilm_tokenizer()
+    word_ids = batch_word_ids(tokenizer(["alpha beta"], ["gamma delta"]))[0].tolist()
+    assert word_ids == [-1, 0, 1, -1, 2, 3, -1]  # raw word_ids() restart at 0 for the second text
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_whole_word_masking_is_all_or_none_with_every_tokenizer(name):
+    tokenizer = TOKENIZERS[name]()
+    examples = tokenize_for_mlm(tokenizer, SENTENCES)
+    collator = MLMCollator(tokenizer, strategy="whole_word", mlm_probability=0.4, seed=0)
+    batch = pad_examples(examples, tokenizer.pad_token_id)
+    out = collator(examples)
+    selected = out["labels"] != IGNORE_INDEX
+    assert 0 < selected.sum() < batch["attention_mask"].sum()
+    for r in range(len(examples)):
+        for word in batch["word_ids"][r].unique().tolist():
+            if word >= 0:
+                values = selected[r][batch["word_ids"][r] == word]
+                assert values.all() or not values.any()
+
+
+def test_entity_spans_and_keywords_mask_every_token_of_the_entity():
+    tokenizer = minilm_tokenizer()
+    text = "They flew from New York to San Francisco."
+    assert keyword_spans(text, ["new york", "san francisco", "cis"]) == [(15, 23), (27, 40)]
+    examples = tokenize_for_mlm(tokenizer, [text], offsets=True)
+    collator = MLMCollator(tokenizer, strategy="entity", keywords=["new york"], seed=0)
+    labels = collator(examples)["labels"][0]
+    chosen = tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
+    assert chosen == ["new", "york"]
+    examples[0]["entity_spans"] = [(27, 40)]
+    labels = MLMCollator(tokenizer, strategy="entity", seed=0)(examples)["labels"][0]
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "san francisco"
+
+
+def test_entity_probability_zero_masks_nothing():
+    batch = pad_examples(tokenize_for_mlm(minilm_tokenizer(), ["New York"], offsets=True), 0)
+    candidates = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    assert not select_char_spans(batch["offset_mapping"], [[(0, 8)]], candidates, probability=0.0).any()
+    assert select_char_spans(batch["offset_mapping"], [[(0, 8)]], candidates).sum() == 2
+
+
+def test_tokenizer_without_mask_token_is_a_clear_error():
+    with pytest.raises(ValueError, match="has no mask token"):
+        MLMCollator(byte_level_bpe(with_mask=False))
+
+
+def test_strategy_without_word_ids_names_the_fix():
+    tokenizer = minilm_tokenizer()
+    examples = [{"input_ids": ids} for ids in tokenizer(["a b", "c"])["input_ids"]]
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        MLMCollator(tokenizer, strategy="whole_word")(examples)
+    with pytest.raises(ValueError, match="unknown strategy 'words'"):
+        MLMCollator(tokenizer, strategy="words")
+
+
+def test_collator_in_a_dataloader_is_deterministic_and_rate_can_change():
+    tokenizer = minilm_tokenizer()
+    examples = tokenize_for_mlm(tokenizer, SENTENCES, max_length=16)
+
+    def run(rate):
+        collator = MLMCollator(tokenizer, mlm_probability=0.15, strategy="span", seed=3)
+        loader = torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=collator)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            collator.mlm_probability = rate
+        return batches
+
+    first, again, higher = run(0.15), run(0.15), run(0.9)
+    assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(first, again))
+    count = lambda batches: sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches[1:])
+    assert count(higher) > 3 * count(first)
+    assert first[0]["input_ids"].shape == (4, 16) and set(first[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    with pytest.raises(ValueError, match="mlm_probability must be in"):
+        MLMCollator(tokenizer).mlm_probability = 1.2
+
+
+def test_empty_list_of_examples_gives_empty_tensors():
+    out = MLMCollator(minilm_tokenizer(), seed=0)([])
+    assert out["input_ids"].shape == out["labels"].shape == (0, 0)
+
+
+def test_causal_collator_keeps_eos_labels_with_pad_equal_to_eos():
+    tokenizer = byte_level_bpe(with_mask=False)
+    examples = [{"input_ids": ids} for ids in tokenizer(["the fox", "the quick brown fox"])["input_ids"]]
+    out = CausalLMCollator(tokenizer)(examples)
+    eos = tokenizer.eos_token_id
+    short = out["labels"][0]
+    assert (short == eos).sum() == 1 and (out["input_ids"][0] == eos).sum() > 1  # padding is eos, its label is not
+    assert out["labels"][1].tolist() == examples[1]["input_ids"]
+
+
+def test_as_data_collator_of_the_hugging_face_trainer(tmp_path):
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    import transformers
+
+    tokenizer = minilm_tokenizer()
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(config)
+    examples = tokenize_for_mlm(tokenizer, SENTENCES, max_length=16)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                                          logging_steps=1, disable_tqdm=True)
+    collator = MLMCollator(tokenizer, strategy="whole_word", mlm_probability=0.3, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
