@@ -1,6 +1,8 @@
 """Sparsity control: target schedules and penalty controllers.
 
 * :mod:`~learnmask.control.schedules` -- ``schedule(step) -> target sparsity``.
+* :mod:`~learnmask.control.rate_schedules` -- ``schedule(step) -> mlm_probability`` (constant,
+  linear or cosine decay; Ankner et al., 2023).
 * :mod:`~learnmask.control.lagrangian` -- :class:`LagrangianController` (dual ascent on
   the CoFi penalty) and the :class:`FixedPenalty` L0 baseline.
 """
@@ -18,6 +20,7 @@ from .schedules import (
     make_schedule,
 )
 from .loss_adaptive import LossAdaptiveController
+from .rate_schedules import RATE_SCHEDULE_KINDS, ConstantRate, CosineDecay, LinearDecay, make_rate_schedule
 from .metrics import control_metrics
 from .pid import PIController, PIDController
 
@@ -35,6 +38,11 @@ __all__ = [
     "check_target_sparsity",
     "make_schedule",
     "LossAdaptiveController",
+    "RATE_SCHEDULE_KINDS",
+    "ConstantRate",
+    "CosineDecay",
+    "LinearDecay",
+    "make_rate_schedule",
     "control_metrics",
     "PIController",
     "PIDController",

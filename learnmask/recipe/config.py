@@ -18,8 +18,64 @@ CONTROLLERS = ("lagrangian", "pi", "fixed")
 NEUTRAL_AT_DEFAULT = {"neutral_at_default": True}
 
 
+class ValidatedConfig:
+    """Shared parts of the run configs (frozen dataclasses): type checks against each field's
+    default, construction from a mapping that rejects unknown keys, and a stable key."""
+
+    def _check_types(self) -> None:
+        """Each field has its default's type (an int is accepted for a float); else ValueError."""
+        for field in dataclasses.fields(self):
+            value, default = getattr(self, field.name), field.default
+            if isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+                expected = "a list of strings"
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                expected = "a number"
+                if ok:
+                    object.__setattr__(self, field.name, float(value))
+            else:
+                ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+                expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
+            if not ok:
+                raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config"):
+        """Build from a mapping, rejecting unknown keys with the list of known ones.
+
+        Raises:
+            ValueError: an unknown key, a value of the wrong type or out of range; the message
+                names ``where`` (the file, or the grid and row).
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{error} (in {where})") from error
+
+    def key(self) -> str:
+        """Stable id of this run: a hash of every field (a changed setting is a new run).
+
+        Fields marked neutral-at-default are left out while at their default, so adding an
+        option does not orphan results recorded before it existed.
+        """
+        values = dataclasses.asdict(self)
+        for field in dataclasses.fields(self):
+            if field.metadata.get("neutral_at_default") and values[field.name] == field.default:
+                del values[field.name]
+        return self._hash(values)
+
+    @staticmethod
+    def _hash(values: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(ValidatedConfig):
     """One fine-tuning run of a classifier, with or without head gates.
 
     Attributes:
@@ -123,54 +179,6 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "freeze", tuple(self.freeze))
 
-    def _check_types(self) -> None:
-        """Each field has its default's type (an int is accepted for a float); else ValueError."""
-        for field in dataclasses.fields(self):
-            value, default = getattr(self, field.name), field.default
-            if isinstance(default, tuple):
-                ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
-                expected = "a list of strings"
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                expected = "a number"
-                if ok:
-                    object.__setattr__(self, field.name, float(value))
-            else:
-                ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-                expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
-            if not ok:
-                raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
-        """Build from a mapping, rejecting unknown keys with the list of known ones.
-
-        Raises:
-            ValueError: an unknown key, a value of the wrong type or out of range; the message
-                names ``where`` (the file, or the grid and row).
-        """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
-        try:
-            return cls(**values)
-        except ValueError as error:
-            raise ValueError(f"{error} (in {where})") from error
-
-    def key(self) -> str:
-        """Stable id of this run: a hash of every field (a changed setting is a new run).
-
-        Fields marked neutral-at-default are left out while at their default, so adding an
-        option does not orphan results recorded before it existed.
-        """
-        values = dataclasses.asdict(self)
-        for field in dataclasses.fields(self):
-            if field.metadata.get("neutral_at_default") and values[field.name] == field.default:
-                del values[field.name]
-        text = json.dumps(values, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
     def total_epochs(self) -> int:
         """Epochs of training this run uses, counting the dense fine-tuning behind ``importance``."""
         return self.epochs + (self.importance_epochs if self.method == "importance" else 0)
@@ -209,13 +217,16 @@ class GridConfig:
     title: str = ""
     goals: tuple[dict[str, Any], ...] = ()
     columns: tuple[str, ...] = ()
+    recipe: str = "classify"  # which run config the cells are: see RECIPES
 
-    def cells(self, *, full: bool = False, overrides: dict[str, Any] | None = None) -> list[tuple[str, RunConfig]]:
+    def cells(self, *, full: bool = False, overrides: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
         """Every (row label, run config) of the grid, dense-first, in a fixed order.
 
         Raises:
-            ValueError: a setting that RunConfig rejects (named with its row).
+            ValueError: a setting that the run config rejects (named with its row).
         """
+        if self.recipe != "classify":
+            return self._plain_cells(full, overrides)
         fixed = sorted({"seed", "target_sparsity"} & set(overrides or {}))
         if fixed:
             raise ValueError(f"{fixed} are set by the grid (seeds, full_seeds and each row's targets), not by --set; "
@@ -231,8 +242,36 @@ class GridConfig:
                 cells.append((row.label, RunConfig.from_dict({**settings, "target_sparsity": target, "seed": seed}, where=where)))
         return cells
 
+    def _plain_cells(self, full: bool, overrides: dict[str, Any] | None) -> list[tuple[str, Any]]:
+        """Rows × seeds for recipes without target sparsities."""
+        if "seed" in (overrides or {}):
+            raise ValueError("['seed'] is set by the grid (seeds, full_seeds), not by --set; edit the grid file or pass --grid-file")
+        config = recipe_config(self.recipe)
+        return [(row.label, config.from_dict({**self.defaults, **row.settings, **(overrides or {}), "seed": seed},
+                                              where=f"grid {self.name!r}, row {row.label!r}"))
+                for row in self.rows for seed in (self.full_seeds if full else self.seeds)]
 
-GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals", "columns"}
+
+#: Recipes a grid file may name with ``recipe = "..."``: classification (default) and continued MLM.
+RECIPES = ("classify", "mlm")
+
+
+def recipe_config(recipe: str) -> type:
+    """The run-config class of ``recipe``.
+
+    Raises:
+        ValueError: an unknown recipe (the message lists the known ones).
+    """
+    if recipe == "classify":
+        return RunConfig
+    if recipe == "mlm":
+        from learnmask.recipe.mlm_config import MLMRunConfig
+
+        return MLMRunConfig
+    raise ValueError(f"unknown recipe {recipe!r}; expected one of {list(RECIPES)}")
+
+
+GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals", "columns", "recipe"}
 GOAL_FORMS = (
     {"description", "row", "target", "versus", "versus_target", "min_difference"},
     {"description", "row", "target", "versus", "versus_target", "max_difference"},
@@ -287,6 +326,10 @@ def load_grid(path: str | pathlib.Path) -> GridConfig:
         title=data.get("title", data.get("name", path.stem)),
         goals=_check_goals(path, data.get("goals", []), {row.label for row in rows}),
         columns=tuple(data.get("columns", [])),
+        recipe=data.get("recipe", "classify"),
     )
+    recipe_config(grid.recipe)
+    if grid.recipe != "classify" and grid.goals:
+        raise ValueError(f"{path}: [[goals]] are supported for classification grids only, not recipe {grid.recipe!r}")
     grid.cells(full=True)  # validates every setting now, not an hour into the run
     return grid
