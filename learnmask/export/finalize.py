@@ -1,0 +1,160 @@
+"""``finalize``: bake a gated model's deterministic masks into its weights and physically remove
+what they closed — attention heads, FFN units, hidden dimensions and whole blocks — returning a
+smaller plain model of the same classes whose eval outputs equal the gated model's.
+
+Decisions (documented in :func:`finalize`):
+* A gate value z in (0, 1] is baked in (the unit's output columns times z); z = 0 removes it.
+* Grouped-query attention (Llama): a key/value head stays while any of its query heads does;
+  kept groups are padded with closed (zeroed) query heads to the largest group so the stock
+  ``repeat_kv`` still pairs queries and keys (exact; padding costs a little compute).
+* ``nn.MultiheadAttention`` ties its head count to the embedding width: its closed heads are
+  baked to zero but not removed; whole closed blocks are removed.
+* A block with nothing left becomes a ``torch.fx`` stub adding only its bias (pickles with torch).
+
+Legend: ``H`` query heads, ``G`` key/value heads, ``D`` head size, ``I`` FFN units, ``d``
+hidden size.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from learnmask.export import stubs
+from learnmask.inject import hooks
+from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers
+from learnmask.inject.hidden import find_hidden_stream
+from learnmask.inject.layout import (drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
+                                     scale_outputs)
+from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
+from learnmask.export.hidden import prune_hidden
+
+
+def _kept_heads(keep: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Query heads and key/value heads to keep, from a ``(H,)`` bool mask (GQA padded, see top)."""
+    if kv_heads == heads:
+        index = torch.nonzero(keep).flatten()
+        return index, index
+    groups = rearrange(keep, "(g r) -> g r", g=kv_heads)
+    alive = torch.nonzero(groups.any(dim=1)).flatten()
+    size = int(groups.sum(dim=1).max()) if len(alive) else 0
+    queries = []
+    for g in alive.tolist():
+        # kept heads first, then closed ones of the same group as padding; each group sorted
+        order = torch.argsort((~groups[g]).to(torch.int8), stable=True)[:size]
+        queries.append(g * (heads // kv_heads) + torch.sort(order).values)
+    return (torch.cat(queries) if queries else alive), alive
+
+
+def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> None:
+    d_in = att.head_dim
+    with torch.no_grad():
+        scale_inputs(att.out, repeat(z_heads, "h -> (h d)", d=d_in))
+        scale_outputs(att.out, z_block)
+    keep = (z_heads > 0) & (z_block > 0)
+    if att.fused:
+        if z_block == 0 and att.owner is not None:
+            _replace_attention(att, None)
+        return  # nn.MultiheadAttention: closed heads stay as zeros (see module docstring)
+    if not bool(keep.any()):
+        bias = att.out.bias if z_block > 0 and att.out.bias is not None else None
+        _replace_attention(att, bias)
+        return
+    queries, kv = _kept_heads(keep, att.num_heads, att.num_kv_heads)
+    rows: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+    for proj, heads in ((att.q, queries), (att.k, kv), (att.v, kv)):
+        index = head_index(heads.to(torch.long), d_in, proj.offset)
+        rows.setdefault(id(proj.module), (proj.module, []))[1].append(index)
+    for module, indices in rows.values():  # GPT-2's fused c_attn: q, k, v rows in one slice
+        keep_outputs(module, torch.cat(indices))
+    keep_inputs(att.out, head_index(queries.to(torch.long), d_in))
+    att.set_heads(att.module, len(queries), len(kv))
+
+
+def _replace_attention(att: AttentionSpec, bias: Tensor | None) -> None:
+    if att.post_norm is not None:
+        stub = stubs.post_norm_block(att.first_arg, att.post_norm, bias, class_name="RemovedAttention")
+    else:
+        extra = {}
+        if att.fused:  # what nn.TransformerEncoder(Layer) reads from its self_attn
+            mha = att.module
+            extra = {"batch_first": mha.batch_first, "num_heads": mha.num_heads, "in_proj_bias": None,
+                     "_qkv_same_embed_dim": True}
+        stub = stubs.zero_block(att.first_arg, bias, returns_tuple=True, class_name="RemovedAttention",
+                                attributes=extra)
+    setattr(att.owner, att.attr, stub)
+
+
+def _prune_ffn(ffn: FFNSpec, z_units: Tensor, z_block: float) -> None:
+    with torch.no_grad():
+        scale_inputs(ffn.down, z_units)
+        scale_outputs(ffn.down, z_block)
+    keep = torch.nonzero((z_units > 0) & (z_block > 0)).flatten()
+    if len(keep) == 0 and ffn.owner is not None:  # GPT-2: Conv1D cannot take zero-width input
+        bias = ffn.down.bias if z_block > 0 else None
+        setattr(ffn.owner, ffn.attr, stubs.zero_block("hidden_states", bias, returns_tuple=False,
+                                                      class_name="RemovedFFN"))
+        return
+    for up in ffn.up:
+        keep_outputs(up, keep)
+    keep_inputs(ffn.down, keep)
+    if z_block == 0 and ffn.bias_removable and ffn.down.bias is not None:
+        drop_bias(ffn.down)
+
+
+def _row(masks: dict[str, Tensor], name: str, row: int, size: int | None) -> Tensor:
+    if name in masks:
+        return masks[name][row].float()
+    return torch.ones(size) if size is not None else torch.ones(())
+
+
+def prune_layers(layers: list[LayerSpec], masks: dict[str, Tensor]) -> None:
+    """Bake and remove heads, FFN units and blocks of ``layers`` in place (see module docstring)."""
+    for row, layer in enumerate(layers):
+        if layer.attention is not None and ({"heads", "attention_blocks"} & set(masks)):
+            att = layer.attention
+            _prune_attention(att, _row(masks, "heads", row, att.num_heads).to(att.out.weight.device),
+                             float(_row(masks, "attention_blocks", row, None)))
+        if layer.ffn is not None and ({"ffn", "ffn_blocks"} & set(masks)):
+            ffn = layer.ffn
+            _prune_ffn(ffn, _row(masks, "ffn", row, ffn.units).to(ffn.down.weight.device),
+                       float(_row(masks, "ffn_blocks", row, None)))
+
+
+def finalize(handle: MaskHandle, *, inplace: bool = False) -> nn.Module:
+    """A plain model with the handle's eval masks baked in and everything closed removed.
+
+    Args:
+        handle: from :func:`~learnmask.inject.apply_masks` on a supported architecture.
+        inplace: prune ``handle.model`` itself (the handle is removed first) instead of a copy.
+
+    Returns:
+        The pruned model (same classes, fewer heads/units/dims; stubs where nothing is left).
+        Its eval outputs equal the gated model's in eval mode (fp32: max abs diff <= 1e-5); it
+        holds no learnmask object, so ``torch.save(model)`` loads where learnmask is absent.
+
+    Raises:
+        ValueError: a model gated through ``target_modules``/``ffn_modules`` (learnmask does
+            not know where its q/k/v and up projections are), or a bare
+            ``nn.MultiheadAttention`` model with a closed block.
+    """
+    if any(layer.arch == "custom" for layer in handle.layers):
+        raise ValueError("finalize needs a supported architecture; a model gated through target_modules/"
+                         "ffn_modules can only be evaluated with its gates (or baked by hand)")
+    masks = handle.eval_masks()
+    if inplace:
+        handle.remove()
+        model = handle.model
+    else:
+        model = copy.deepcopy(handle.model)
+        hooks.strip(model)
+        if hasattr(model, GATES_ATTRIBUTE):
+            delattr(model, GATES_ATTRIBUTE)
+    layers = find_layers(model)
+    assert [layer.name for layer in layers] == [layer.name for layer in handle.layers], "layer lists differ"
+    if "hidden" in masks:
+        prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())
+    prune_layers(layers, masks)
+    return model

@@ -1,0 +1,63 @@
+"""Stand-ins for attention/FFN modules whose every unit was removed, built as ``torch.fx``
+``GraphModule`` s so that a finalized model pickles and loads with torch and transformers only
+(no learnmask class is referenced). Each accepts the replaced module's call signature
+(``first_arg, *args, **kwargs``) and ignores everything but ``first_arg``.
+
+Legend: ``x`` the block's input ``(..., d)``; ``b`` the baked output bias ``(d,)`` (a parameter,
+or absent when the block was closed and its bias is zero).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+
+def _graph(first_arg: str) -> tuple[fx.Graph, fx.Node]:
+    graph = fx.Graph()
+    x = graph.placeholder(first_arg)
+    graph.placeholder("*args")
+    graph.placeholder("**kwargs")
+    return graph, x
+
+
+def _root(bias: Tensor | None, **modules: nn.Module) -> nn.Module:
+    root = nn.Module()
+    if bias is not None:
+        root.bias = nn.Parameter(bias.detach().clone())
+    for name, module in modules.items():
+        setattr(root, name, module)
+    return root
+
+
+def zero_block(first_arg: str, bias: Tensor | None, *, returns_tuple: bool, class_name: str,
+               attributes: dict | None = None) -> fx.GraphModule:
+    """A block that adds nothing but its bias to the residual stream.
+
+    Returns ``(zeros_like(x) + b, None)`` if ``returns_tuple`` (attention modules return
+    ``(output, weights)``), else ``zeros_like(x) + b``; without a bias, zeros.
+
+    Args:
+        first_arg: name of the replaced module's first forward argument.
+        bias: ``(d,)`` output bias to keep, or None.
+        returns_tuple: the replaced module returns ``(output, attention weights)``.
+        class_name: name shown in the model's repr (e.g. "RemovedAttention").
+        attributes: plain attributes the caller's code reads from the replaced module (say,
+            ``batch_first`` of an ``nn.MultiheadAttention``).
+    """
+    graph, x = _graph(first_arg)
+    out = graph.call_function(torch.zeros_like, (x,))
+    if bias is not None:
+        out = graph.call_function(torch.add, (out, graph.get_attr("bias")))
+    graph.output((out, None) if returns_tuple else out)
+    module = fx.GraphModule(_root(bias), graph, class_name=class_name)
+    for name, value in (attributes or {}).items():
+        setattr(module, name, value)
+    return module
+
+
+def post_norm_block(first_arg: str, norm: nn.Module, bias: Tensor | None, *, class_name: str) -> fx.GraphModule:
+    """A post-norm attention block with no heads left (BERT family): ``(norm(x + b), None)``."""
+    graph, x = _graph(first_arg)
+    total = x if bias is None else graph.call_function(torch.add, (x, graph.get_attr("bias")))
+    graph.output((graph.call_module("norm", (total,)), None))
+    return fx.GraphModule(_root(bias, norm=norm), graph, class_name=class_name)

@@ -1,0 +1,237 @@
+"""Where heads, FFN units and the hidden stream live in each supported architecture.
+
+One small adapter per architecture turns a transformer layer into a :class:`LayerSpec`; nothing
+here changes a model. Supported (found by structure, class names given for orientation):
+Hugging Face BERT/RoBERTa (``BertLayer``), DistilBERT (``TransformerBlock``), GPT-2
+(``GPT2Block``), ViT (``ViTLayer``), Llama with grouped key/value heads (``LlamaDecoderLayer``),
+``torch.nn.TransformerEncoderLayer`` and a bare ``torch.nn.MultiheadAttention`` (heads only).
+
+Legend: ``H`` query heads, ``G`` key/value heads (groups; G = H without GQA), ``D`` head size,
+``I`` FFN intermediate units, ``d`` hidden size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from learnmask.inject.layout import in_features, out_features
+
+SUPPORTED = ("BertLayer/RobertaLayer", "DistilBERT TransformerBlock", "GPT2Block", "ViTLayer",
+             "LlamaDecoderLayer", "nn.TransformerEncoderLayer", "nn.MultiheadAttention")
+
+
+@dataclasses.dataclass
+class Rows:
+    """Output rows ``[offset, offset + width)`` of a linear map (one of q, k, v)."""
+
+    module: nn.Module
+    offset: int = 0
+
+
+@dataclasses.dataclass
+class AttentionSpec:
+    """One attention block.
+
+    Attributes:
+        owner, attr: ``getattr(owner, attr)`` is the attention module (what a stub replaces).
+        q, k, v: output rows of the query/key/value projections (None for ``fused``).
+        out: the output projection, whose input is the concatenation of the H heads.
+        num_heads, num_kv_heads, head_dim: H, G, D.
+        post_norm: the LayerNorm inside the attention module applied to ``input + output``
+            (BERT's ``attention.output.LayerNorm``), else None (residual added outside).
+        fused: ``nn.MultiheadAttention``: q/k/v live in ``in_proj_weight`` and the head count is
+            tied to the embedding width, so heads are gated but cannot be physically removed.
+        set_heads: ``(module, H, G)`` updates the module's own head-count attributes.
+        first_arg: name of the module's first forward argument (for a stub's signature).
+    """
+
+    owner: nn.Module | None
+    attr: str
+    q: Rows | None
+    k: Rows | None
+    v: Rows | None
+    out: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    post_norm: nn.Module | None = None
+    fused: bool = False
+    set_heads: Callable[[nn.Module, int, int], None] | None = None
+    first_arg: str = "hidden_states"
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The attention module now (None when the model itself is the attention module)."""
+        return None if self.owner is None else getattr(self.owner, self.attr)
+
+
+@dataclasses.dataclass
+class FFNSpec:
+    """One feed-forward block: ``down(act(up_1(x)) [* up_2(x)])``.
+
+    Attributes:
+        owner, attr: the module a stub replaces when no unit is left (None: zero-width linear
+            maps work as they are).
+        up: linear maps whose outputs are the I units (two for Llama's gated MLP).
+        down: linear map whose inputs are the I units.
+        bias_removable: a closed block's (zero) down-projection bias can be set to None.
+    """
+
+    owner: nn.Module | None
+    attr: str | None
+    up: list[nn.Module]
+    down: nn.Module
+    bias_removable: bool = True
+
+    @property
+    def units(self) -> int:
+        return in_features(self.down)
+
+
+@dataclasses.dataclass
+class LayerSpec:
+    """One transformer layer: its attention, FFN and the norms on its residual stream."""
+
+    name: str
+    arch: str
+    module: nn.Module
+    attention: AttentionSpec | None
+    ffn: FFNSpec | None
+    norms: list[nn.Module]
+
+    @property
+    def hidden_size(self) -> int:
+        return out_features(self.attention.out)
+
+
+def _bert(layer: nn.Module, name: str) -> LayerSpec:
+    att = layer.attention
+    self_att = att.self
+    heads, dim = self_att.num_attention_heads, self_att.attention_head_size
+
+    def set_heads(module, h, g):
+        module.self.num_attention_heads, module.self.all_head_size = h, h * dim
+
+    spec = AttentionSpec(layer, "attention", Rows(self_att.query), Rows(self_att.key), Rows(self_att.value),
+                         att.output.dense, heads, heads, dim, post_norm=att.output.LayerNorm, set_heads=set_heads)
+    ffn = FFNSpec(None, None, [layer.intermediate.dense], layer.output.dense)
+    return LayerSpec(name, "bert", layer, spec, ffn, [att.output.LayerNorm, layer.output.LayerNorm])
+
+
+def _distilbert(layer: nn.Module, name: str) -> LayerSpec:
+    att = layer.attention
+    heads, dim = att.n_heads, att.attention_head_size
+
+    def set_heads(module, h, g):
+        module.n_heads = h
+
+    spec = AttentionSpec(layer, "attention", Rows(att.q_lin), Rows(att.k_lin), Rows(att.v_lin), att.out_lin,
+                         heads, heads, dim, set_heads=set_heads)
+    ffn = FFNSpec(None, None, [layer.ffn.lin1], layer.ffn.lin2)
+    return LayerSpec(name, "distilbert", layer, spec, ffn, [layer.sa_layer_norm, layer.output_layer_norm])
+
+
+def _gpt2(layer: nn.Module, name: str) -> LayerSpec:
+    att = layer.attn
+    heads, dim, width = att.num_heads, att.head_dim, att.split_size
+
+    def set_heads(module, h, g):
+        module.num_heads, module.split_size = h, h * dim
+
+    spec = AttentionSpec(layer, "attn", Rows(att.c_attn, 0), Rows(att.c_attn, width), Rows(att.c_attn, 2 * width),
+                         att.c_proj, heads, heads, dim, set_heads=set_heads)
+    # Conv1D cannot take a zero-width input (it views to (-1, 0)): an empty MLP becomes a stub
+    ffn = FFNSpec(layer, "mlp", [layer.mlp.c_fc], layer.mlp.c_proj)
+    return LayerSpec(name, "gpt2", layer, spec, ffn, [layer.ln_1, layer.ln_2])
+
+
+def _vit(layer: nn.Module, name: str) -> LayerSpec:
+    att = layer.attention
+    heads, dim = att.num_attention_heads, att.head_dim
+
+    def set_heads(module, h, g):
+        module.num_attention_heads = h
+
+    spec = AttentionSpec(layer, "attention", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
+                         heads, heads, dim, set_heads=set_heads)
+    ffn = FFNSpec(None, None, [layer.mlp.fc1], layer.mlp.fc2)
+    return LayerSpec(name, "vit", layer, spec, ffn, [layer.layernorm_before, layer.layernorm_after])
+
+
+def _llama(layer: nn.Module, name: str) -> LayerSpec:
+    att = layer.self_attn
+    dim = att.head_dim
+    heads, kv_heads = out_features(att.q_proj) // dim, out_features(att.k_proj) // dim
+
+    def set_heads(module, h, g):
+        module.num_key_value_groups = h // g
+
+    spec = AttentionSpec(layer, "self_attn", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
+                         heads, kv_heads, dim, set_heads=set_heads)
+    mlp = layer.mlp
+    ffn = FFNSpec(None, None, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
+    return LayerSpec(name, "llama", layer, spec, ffn, [layer.input_layernorm, layer.post_attention_layernorm])
+
+
+def _mha_spec(owner: nn.Module | None, attr: str, mha: nn.Module) -> AttentionSpec:
+    return AttentionSpec(owner, attr, None, None, None, mha.out_proj, mha.num_heads, mha.num_heads,
+                         mha.head_dim, fused=True, first_arg="query")
+
+
+def _encoder_layer(layer: nn.Module, name: str) -> LayerSpec:
+    # the fused fast path takes linear2.bias as a tensor: it cannot be None
+    ffn = FFNSpec(None, None, [layer.linear1], layer.linear2, bias_removable=False)
+    return LayerSpec(name, "transformer_encoder_layer", layer, _mha_spec(layer, "self_attn", layer.self_attn), ffn,
+                     [layer.norm1, layer.norm2])
+
+
+def _has(module: nn.Module, *paths: str) -> bool:
+    for path in paths:
+        target = module
+        for part in path.split("."):
+            target = getattr(target, part, None)
+            if target is None:
+                return False
+    return True
+
+
+def _adapter(module: nn.Module) -> Callable[[nn.Module, str], LayerSpec] | None:
+    """The adapter that understands ``module`` as a transformer layer, or None."""
+    if isinstance(module, nn.TransformerEncoderLayer):
+        return _encoder_layer
+    if _has(module, "attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
+        return _bert
+    if _has(module, "attention.q_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2", "sa_layer_norm"):
+        return _distilbert
+    if _has(module, "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "ln_1"):
+        return _gpt2
+    if _has(module, "attention.q_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2", "layernorm_before"):
+        return _vit
+    if _has(module, "self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "input_layernorm"):
+        return _llama
+    return None
+
+
+def find_layers(model: nn.Module) -> list[LayerSpec]:
+    """Every transformer layer of a supported architecture in ``model``, in model order.
+
+    A bare ``nn.MultiheadAttention`` (not inside a ``TransformerEncoderLayer``) becomes a layer
+    with attention only. Returns ``[]`` when nothing is recognised (callers raise).
+    """
+    layers: list[LayerSpec] = []
+    taken: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in taken:
+            continue
+        adapter = _adapter(module)
+        if adapter is not None:
+            layers.append(adapter(module, name))
+            taken.update(id(m) for m in module.modules())
+        elif isinstance(module, nn.MultiheadAttention):
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if name else None  # None: the model itself
+            layers.append(LayerSpec(name, "multihead_attention", module, _mha_spec(owner, attr, module), None, []))
+            taken.add(id(module))
+    return layers

@@ -1,0 +1,307 @@
+"""``apply_masks``: learnable gates on heads, FFN units, hidden dimensions and whole blocks of a
+model as it is, by hooks and parametrizations (never by forking its classes).
+
+Legend: ``L`` layers, ``H`` heads per layer, ``I`` FFN units per layer, ``d`` hidden size.
+Gate shapes: heads ``(L, H)``, ffn ``(L, I)``, hidden ``(d,)``, attention_blocks and
+ffn_blocks ``(L,)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from learnmask.gates import Gate, make_gate
+from learnmask.inject import hooks as H
+from learnmask.inject.architectures import SUPPORTED, AttentionSpec, FFNSpec, LayerSpec, find_layers
+from learnmask.inject.config import MaskConfig
+from learnmask.inject.costs import expected_layer_parameters, layer_costs
+from learnmask.inject.hidden import HiddenStream, find_hidden_stream
+from learnmask.inject.layout import in_features
+
+GATES_ATTRIBUTE = "learnmask_gates"
+
+
+def _custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
+    modules = dict(model.named_modules())
+    for name in (config.target_modules or ()) + (config.ffn_modules or ()):
+        if name not in modules:
+            raise ValueError(f"target module {name!r} not found in {type(model).__name__}")
+    outs, downs = list(config.target_modules or ()), list(config.ffn_modules or ())
+    if outs and downs and len(outs) != len(downs):
+        raise ValueError(f"target_modules has {len(outs)} names and ffn_modules {len(downs)}; give one of each per layer")
+    layers = []
+    for index in range(max(len(outs), len(downs))):
+        attention = ffn = None
+        if outs:
+            out, heads = modules[outs[index]], config.num_heads
+            width = in_features(out)
+            if width % heads:
+                raise ValueError(f"{outs[index]!r} has {width} input features, not divisible by num_heads={heads}")
+            attention = AttentionSpec(None, "", None, None, None, out, heads, heads, width // heads)
+        if downs:
+            ffn = FFNSpec(None, None, [], modules[downs[index]])
+        layers.append(LayerSpec(outs[index] if outs else downs[index], "custom", model, attention, ffn, []))
+    return layers
+
+
+def _layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
+    if config.target_modules or config.ffn_modules:
+        return _custom_layers(model, config)
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(
+            f"no attention blocks found in {type(model).__name__} (supported: {', '.join(SUPPORTED)}); "
+            "pass target_modules=[...] (names of the attention output projections) with num_heads=..., "
+            "and/or ffn_modules=[...] (names of the FFN down projections)")
+    return layers
+
+
+def _gate_shapes(model: nn.Module, layers: list[LayerSpec], config: MaskConfig) -> dict[str, tuple[int, ...]]:
+    shapes, kind = {}, type(model).__name__
+    for name in config.granularities():
+        if name in ("heads", "attention_blocks"):
+            found = [layer.attention for layer in layers if layer.attention is not None]
+            if len(found) != len(layers):
+                raise ValueError(f"{name} gating needs an attention block in every layer; {kind} has "
+                                 f"{len(found)} in {len(layers)} layers")
+            counts = sorted({a.num_heads for a in found})
+            if len(counts) != 1:
+                raise ValueError(f"layers have different head counts {counts}; gate them one layer at a time")
+            shapes[name] = (len(layers), counts[0]) if name == "heads" else (len(layers),)
+        elif name in ("ffn", "ffn_blocks"):
+            found = [layer.ffn for layer in layers if layer.ffn is not None]
+            if len(found) != len(layers):
+                raise ValueError(f"{name} gating needs an FFN block in every layer; found {len(found)} in "
+                                 f"{len(layers)} layers of {kind}")
+            counts = sorted({f.units for f in found})
+            if len(counts) != 1:
+                raise ValueError(f"layers have different FFN widths {counts}; gate them one layer at a time")
+            shapes[name] = (len(layers), counts[0]) if name == "ffn" else (len(layers),)
+        else:
+            shapes[name] = (layers[0].hidden_size,)
+    return shapes
+
+
+class MaskHandle:
+    """Gates attached to a model by :func:`apply_masks`.
+
+    Attributes:
+        model: the gated model.
+        layers: the :class:`LayerSpec` of every gated layer, in model order.
+        gates: ``nn.ModuleDict`` granularity name -> :class:`Gate`; registered on the model as
+            ``learnmask_gates`` (unless the model is an ``nn.Sequential``), so the gates move,
+            save and load with it.
+        hidden_stream: where the hidden dimensions live outside the layers (hidden gating only).
+        z: gate values of the last forward pass, name -> tensor of the gate's shape; with
+            ``capture_grad = True`` each is a leaf whose ``.grad`` after backward is ∂loss/∂z.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[LayerSpec], gates: dict[str, Gate],
+                 config: MaskConfig, hidden_stream: HiddenStream | None, register: bool) -> None:
+        self.model, self.layers, self.config, self.hidden_stream = model, layers, config, hidden_stream
+        self.gates = nn.ModuleDict(gates)
+        self.z: dict[str, Tensor] = {}
+        self.capture_grad = False
+        self.registered = register
+        self._costs = [layer_costs(layer) for layer in layers]
+        self._hooks: list[Any] = []
+        self._parametrized: list[tuple[nn.Module, str]] = []
+        if register:
+            setattr(model, GATES_ATTRIBUTE, self.gates)
+        self._attach()
+
+    # -- attaching -------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        on = set(self.gates)
+        self._hooks.append(self.model.register_forward_pre_hook(H.SampleGates(self, "")))
+        for row, layer in enumerate(self.layers):
+            att, ffn = layer.attention, layer.ffn
+            if att is not None and att.fused and on & {"heads", "attention_blocks"}:
+                weight = H.OutProjParametrization(self, row, att.head_dim, "heads" in on, "attention_blocks" in on)
+                self._parametrize(att.out, "weight", weight)
+                if "attention_blocks" in on and att.out.bias is not None:
+                    self._parametrize(att.out, "bias", H.BiasParametrization(self, row))
+            elif att is not None:
+                if "heads" in on:
+                    self._pre(att.out, H.ScaleInputUnits(self, "heads", row, att.head_dim))
+                if "attention_blocks" in on:
+                    self._hooks.append(att.out.register_forward_hook(H.ScaleOutput(self, "attention_blocks", row)))
+            if ffn is not None and "ffn" in on:
+                self._pre(ffn.down, H.ScaleInputUnits(self, "ffn", row, 1))
+            if ffn is not None and "ffn_blocks" in on:
+                self._hooks.append(ffn.down.register_forward_hook(H.ScaleOutput(self, "ffn_blocks", row)))
+        if "hidden" in on:
+            for norm in self.hidden_stream.norms:
+                self._hooks.append(norm.register_forward_hook(H.NormOverKept(self, "hidden")))
+
+    def _pre(self, module: nn.Module, hook: H.LearnmaskHook) -> None:
+        self._hooks.append(module.register_forward_pre_hook(hook))
+
+    def _parametrize(self, module: nn.Module, name: str, parametrization: nn.Module) -> None:
+        H.parametrize_tensor(module, name, parametrization)
+        self._parametrized.append((module, name))
+
+    # -- gate values -----------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Draw every gate once (training: a sample; eval: the deterministic mask)."""
+        for name, gate in self.gates.items():
+            z = gate()
+            if self.capture_grad:
+                z = z.detach().requires_grad_(True)
+            self.z[name] = z
+
+    def current(self, name: str) -> Tensor:
+        """Gate values of ``name`` for the current pass (sampled now if none yet)."""
+        if name not in self.z:
+            self.sample()
+        return self.z[name]
+
+    def eval_masks(self) -> dict[str, Tensor]:
+        """Deterministic masks (each gate's eval rule, or exactly ``eval_k`` units), detached."""
+        return {name: gate.deterministic_mask(gate.eval_k).detach() for name, gate in self.gates.items()}
+
+    def set_gate(self, name: str, gate: Gate) -> None:
+        """Swap the gate of granularity ``name`` for another of the same shape (say, a FixedGate).
+
+        Raises:
+            ValueError: unknown name, or a shape that differs.
+        """
+        if name not in self.gates:
+            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
+        old = self.gates[name]
+        if tuple(gate.log_alpha.shape) != tuple(old.log_alpha.shape):
+            raise ValueError(f"new {name} gate has shape {tuple(gate.log_alpha.shape)}; expected {tuple(old.log_alpha.shape)}")
+        gate.to(old.log_alpha.device).train(old.training)
+        self.gates[name] = gate
+        self.z.pop(name, None)
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable gate parameters (``log_alpha`` of each learnable gate)."""
+        return (p for p in self.gates.parameters() if p.requires_grad)
+
+    def base_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the model that are not gate parameters."""
+        own = {id(p) for p in self.gates.parameters()}
+        return (p for p in self.model.parameters() if id(p) not in own)
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def _probabilities(self, hard: bool) -> dict[str, Tensor]:
+        if hard:
+            return {name: (mask > 0).float() for name, mask in self.eval_masks().items()}
+        return {name: gate.keep_probabilities() for name, gate in self.gates.items()}
+
+    def _prunable(self, probs: Mapping[str, Tensor] | None) -> Tensor:
+        probs = probs or {}
+        hidden = probs.get("hidden")
+        d = hidden.sum() if hidden is not None else float(self.layers[0].hidden_size) if self.hidden_stream else None
+        total = torch.zeros(())
+        for row, costs in enumerate(self._costs):
+            layer_probs = {name: value[row] for name, value in probs.items() if name != "hidden"}
+            total = total + expected_layer_parameters(costs, d if d is not None else costs.hidden, layer_probs)
+        if self.hidden_stream is not None:
+            total = total + self.hidden_stream.cost.at(d)
+        return total
+
+    def dense_parameters(self) -> int:
+        """Parameters of the model without its gates (what it has before pruning)."""
+        return sum(p.numel() for p in self.base_parameters())
+
+    def prunable_parameters(self) -> int:
+        """Parameters whose count depends on a gate: every gated layer (all of its attention,
+        FFN and norms) and, with hidden gating, the embeddings, final norms and heads reading d."""
+        return round(float(self._prunable(None)))
+
+    def expected_remaining_parameters(self) -> Tensor:
+        """``()`` expected parameters left after pruning, differentiable in the gate logits."""
+        return self.dense_parameters() - self.prunable_parameters() + self._prunable(self._probabilities(False))
+
+    def expected_sparsity(self) -> Tensor:
+        """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable."""
+        return 1.0 - self._prunable(self._probabilities(False)) / self.prunable_parameters()
+
+    def remaining_parameters(self) -> int:
+        """Parameters left once the eval masks' closed units are removed (what ``finalize`` keeps,
+        except nn.MultiheadAttention heads and grouped-query padding, which stay)."""
+        return round(self.dense_parameters() - self.prunable_parameters() + float(self._prunable(self._probabilities(True))))
+
+    def keep_per_layer(self, name: str = "heads") -> list[float]:
+        """Fraction of units each layer keeps under the eval mask of ``name``, in [0, 1]."""
+        mask = self.eval_masks()[name] > 0
+        return mask.float().reshape(len(self.layers), -1).mean(dim=1).tolist()
+
+    # -- removal ---------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Take every hook, parametrization and gate off; the model is then bit-identical."""
+        from torch.nn.utils import parametrize
+
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module, name in self._parametrized:
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        self._parametrized.clear()
+        if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
+            delattr(self.model, GATES_ATTRIBUTE)
+        self.z.clear()
+
+
+def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None = None, *,
+                gates: Mapping[str, Gate] | None = None, register: bool | None = None,
+                **options: Any) -> MaskHandle:
+    """Attach gates to the heads, FFN units, hidden dimensions and/or blocks of ``model``.
+
+    Args:
+        model: a supported architecture (``architectures.SUPPORTED``) or, with
+            ``target_modules``/``ffn_modules``, any model.
+        config: a :class:`MaskConfig`, a mapping of its fields, or None; ``options`` (the same
+            fields as keywords) override it.
+        gates: ready-made gates by granularity name (e.g. ``{"heads": FixedGate(mask)}``),
+            instead of building ``config.gate`` for them.
+        register: register the gates on the model as ``learnmask_gates`` (default: yes, except
+            for ``nn.Sequential``, which would call them as a layer).
+
+    Returns:
+        A :class:`MaskHandle`. Gates follow the model's mode (eval: deterministic masks); fully
+        open gates leave the model's outputs unchanged; ``remove()`` undoes everything.
+
+    Raises:
+        ValueError: unknown config key or gate kind, unknown architecture (the message says what
+            to pass), a gate whose shape is not the unit count, layers of unequal sizes, or a
+            model that already carries learnmask gates.
+    """
+    if isinstance(config, Mapping) or config is None:
+        config = MaskConfig.from_dict({**dict(config or {}), **options})
+    elif options:
+        config = MaskConfig.from_dict({**{f: getattr(config, f) for f in config.__dataclass_fields__}, **options})
+    if hasattr(model, GATES_ATTRIBUTE):
+        raise ValueError("model already has learnmask gates; call remove() on the first handle before applying again")
+    layers = _layers(model, config)
+    shapes = _gate_shapes(model, layers, config)
+    hidden = find_hidden_stream(model, layers) if config.hidden else None
+    built = {}
+    for name, shape in shapes.items():
+        gate = (gates or {}).get(name)
+        if gate is None:
+            gate = make_gate(config.gate, shape, **config.gate_options)
+        elif tuple(gate.log_alpha.shape) != shape:
+            raise ValueError(f"{name} gate has shape {tuple(gate.log_alpha.shape)}; expected {shape} for {type(model).__name__}")
+        built[name] = gate
+    unknown = sorted(set(gates or {}) - set(shapes))
+    if unknown:
+        raise ValueError(f"gates given for {unknown} but the config gates only {list(shapes)}")
+    parameter = next(model.parameters(), None)
+    for gate in built.values():
+        if parameter is not None:
+            gate.to(parameter.device)
+        gate.train(model.training)
+    if register is None:
+        register = not isinstance(model, nn.Sequential)
+    return MaskHandle(model, layers, built, config, hidden, register)
