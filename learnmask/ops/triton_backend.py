@@ -10,8 +10,9 @@ kernel; a head gate scales the output with plain autograd.
 
 Runs on CUDA (fp16, bf16, fp32; fp32 matmuls in full IEEE precision, not TF32); on CPU only under
 Triton's interpreter, which is enabled by ``TRITON_INTERPRET=1`` in the environment *before*
-``learnmask.ops.triton_kernels`` is first imported (``@triton.jit`` reads it at import, not at
-launch) — meant for tests at small shapes.
+triton is first imported (``@triton.jit`` reads it when it decorates a function, and triton's own
+library is decorated at ``import triton``) — meant for tests at small shapes. bfloat16 is refused
+there: the triton 3.9 interpreter computes bfloat16 dot products wrongly.
 
 Legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), Q query length, K key length,
 D head dim, Dv value head dim (each at most 128; other than powers of two they are zero-padded).
@@ -35,12 +36,26 @@ MAX_HEAD_DIM = 128
 _KERNELS = "learnmask.ops.triton_kernels"
 
 
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def interpreting() -> bool:
     """Whether the kernels run (or, once imported, would run) in Triton's CPU interpreter."""
     module = sys.modules.get(_KERNELS)
     if module is not None:
         return bool(module.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return _env_interpret()
+
+
+def _interpreter_mismatch() -> bool:
+    """TRITON_INTERPRET=1 now, but triton was imported without it (the kernels would fail)."""
+    if _KERNELS in sys.modules or "triton" not in sys.modules or not _env_interpret():
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return not isinstance(tl.standard.cdiv, InterpretedFunction)
 
 
 def _structure_of(inputs: AttentionInputs) -> MaskStructure | None:
@@ -73,6 +88,9 @@ def _tensor_reasons(inputs: AttentionInputs) -> list[str]:
     reasons = []
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    elif q.dtype == torch.bfloat16 and q.device.type != "cuda" and interpreting():
+        reasons.append("bfloat16 is not supported by the Triton interpreter (its bf16 dot products are wrong); "
+                       "use float16/float32 on CPU or run on CUDA")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
@@ -107,6 +125,9 @@ class TritonBackend:
         reasons = []
         if importlib.util.find_spec("triton") is None:
             reasons.append("triton is not installed (pip install 'learnmask[triton]')")
+        elif _interpreter_mismatch():
+            reasons.append("TRITON_INTERPRET=1 was set after triton was imported; the interpreter needs it "
+                           "in the environment before the first `import triton`")
         device = inputs.q.device.type
         if device != "cuda" and not interpreting():
             reasons.append(f"tensors are on {device}; the triton kernel needs CUDA (or TRITON_INTERPRET=1 set "

@@ -4,6 +4,10 @@ Imported lazily by :mod:`learnmask.ops.triton_backend`. ``TRITON_INTERPRET=1`` i
 module is *imported* (``@triton.jit`` picks the interpreter at decoration time), so it must be set
 before the first import of this module, not merely before a launch.
 
+That is the same as ``import triton``: triton's own ``@jit`` library functions are decorated when
+triton is imported, and a kernel interpreted while they are not (or the converse) fails at launch.
+So the variable goes in the environment before triton is first imported and stays set.
+
 The mask is the one of :class:`learnmask.ops.structure.MaskStructure`, reduced per query row i to a
 key interval ``[lo_i, hi_i)``: causal, prefix-LM, window and chunk bounds come analytically from a
 few integers; documents and key padding from an optional per-row table (B, 4, Q) of
@@ -235,5 +239,13 @@ def attn_bwd_delta(Op, DOp, DELTAp, sob, soh, som, sdb, sdh, sdm, H, Q,
     tl.store(DELTAp + pid_bh.to(tl.int64) * Q + offs_m, delta, mask=offs_m < Q)
 
 
+def triton_imported_interpreted() -> bool:
+    """Whether triton itself was imported under ``TRITON_INTERPRET=1`` (its library is interpreted)."""
+    return isinstance(tl.standard.cdiv, InterpretedFunction)
+
+
 INTERPRETED: bool = isinstance(attn_fwd, InterpretedFunction)
 """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+if INTERPRETED != triton_imported_interpreted():
+    raise ImportError("TRITON_INTERPRET changed between `import triton` and the import of "
+                      f"{__name__}; set it before triton is first imported and leave it set")
