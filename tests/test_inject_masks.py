@@ -85,6 +85,14 @@ def test_deepcopy_of_a_gated_model_gates_itself(name):
     a = zoo.run(name, model, batch)
     torch.manual_seed(3)
     assert torch.equal(zoo.run(name, clone, batch), a)
+    model.eval(), clone.eval()
+    expected = zoo.run(name, model, batch)
+    clone.learnmask_gates["heads"].log_alpha.data.fill_(-10.0)
+    copied = next(h for m in clone.modules() for h in m._forward_pre_hooks.values() if hasattr(h, "handle")).handle
+    assert copied is not handle and copied.model is clone
+    copied.remove()  # removing the copy's gates leaves the original gated
+    assert torch.equal(zoo.run(name, model, batch), expected)
+    assert torch.equal(zoo.run(name, clone, batch), zoo.run(name, zoo.make(name), batch))
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "llama", "encoder_layer"])

@@ -148,7 +148,13 @@ def finalize(handle: MaskHandle, *, inplace: bool = False) -> nn.Module:
         handle.remove()
         model = handle.model
     else:
-        model = copy.deepcopy(handle.model)
+        # copy the model without its hooks: a parametrized module's class is shared with its
+        # deep copy, so un-parametrizing a copy would break the original
+        handle.detach()
+        try:
+            model = copy.deepcopy(handle.model)
+        finally:
+            handle.attach()
         hooks.strip(model)
         if hasattr(model, GATES_ATTRIBUTE):
             delattr(model, GATES_ATTRIBUTE)

@@ -237,8 +237,11 @@ class MaskHandle:
 
     # -- removal ---------------------------------------------------------------------------
 
-    def remove(self) -> None:
-        """Take every hook, parametrization and gate off; the model is then bit-identical."""
+    def detach(self) -> None:
+        """Take the hooks and parametrizations off (the gates stay); :meth:`attach` puts them back.
+
+        While detached the model computes as if ungated (bit-identical to the original).
+        """
         from torch.nn.utils import parametrize
 
         for hook in self._hooks:
@@ -246,11 +249,25 @@ class MaskHandle:
         self._hooks.clear()
         for module, name in self._parametrized:
             if parametrize.is_parametrized(module, name):
+                # a deep copy shares the parametrized class; give this module its own first, so
+                # that un-parametrizing one of them leaves the other intact
+                cls = type(module)
+                own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+                module.__class__ = type(cls.__name__, cls.__bases__, own)
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         self._parametrized.clear()
+        self.z.clear()
+
+    def attach(self) -> None:
+        """Put the hooks and parametrizations back after :meth:`detach` (no-op if attached)."""
+        if not self._hooks:
+            self._attach()
+
+    def remove(self) -> None:
+        """Take every hook, parametrization and gate off; the model is then bit-identical."""
+        self.detach()
         if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
             delattr(self.model, GATES_ATTRIBUTE)
-        self.z.clear()
 
 
 def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None = None, *,
