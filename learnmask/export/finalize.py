@@ -54,14 +54,12 @@ def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> Non
         scale_inputs(att.out, repeat(z_heads, "h -> (h d)", d=d_in))
         scale_outputs(att.out, z_block)
     keep = (z_heads > 0) & (z_block > 0)
-    if att.fused:
-        if z_block == 0 and att.owner is not None:
-            _replace_attention(att, None)
-        return  # nn.MultiheadAttention: closed heads stay as zeros (see module docstring)
     if not bool(keep.any()):
-        bias = att.out.bias if z_block > 0 and att.out.bias is not None else None
-        _replace_attention(att, bias)
+        if att.owner is not None:  # (a bare nn.MultiheadAttention model keeps its zeros)
+            _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
         return
+    if att.fused:
+        return  # nn.MultiheadAttention: closed heads stay as zeros (see module docstring)
     queries, kv = _kept_heads(keep, att.num_heads, att.num_kv_heads)
     rows: dict[int, tuple[nn.Module, list[Tensor]]] = {}
     for proj, heads in ((att.q, queries), (att.k, kv), (att.v, kv)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from torch import nn
+from torch import fx, nn
 
 from learnmask.inject.layout import in_features, out_features
 
@@ -103,79 +103,95 @@ class LayerSpec:
 
     @property
     def hidden_size(self) -> int:
-        return out_features(self.attention.out)
+        """d, the width of the residual stream this layer writes to."""
+        if self.attention is not None:
+            return out_features(self.attention.out)
+        if self.ffn is not None:
+            return out_features(self.ffn.down)
+        return self.norms[0].weight.shape[0]  # both blocks are finalize stubs
+
+
+def is_stub(module: nn.Module | None) -> bool:
+    """A block finalize replaced because nothing was left in it (a ``torch.fx.GraphModule``)."""
+    return isinstance(module, fx.GraphModule)
 
 
 def _bert(layer: nn.Module, name: str) -> LayerSpec:
-    att = layer.attention
-    self_att = att.self
-    heads, dim = self_att.num_attention_heads, self_att.attention_head_size
+    att, spec = layer.attention, None
+    norms = [layer.output.LayerNorm]
+    if not is_stub(att):
+        self_att = att.self
+        heads, dim = self_att.num_attention_heads, self_att.attention_head_size
 
-    def set_heads(module, h, g):
-        module.self.num_attention_heads, module.self.all_head_size = h, h * dim
+        def set_heads(module, h, g):
+            module.self.num_attention_heads, module.self.all_head_size = h, h * dim
 
-    spec = AttentionSpec(layer, "attention", Rows(self_att.query), Rows(self_att.key), Rows(self_att.value),
-                         att.output.dense, heads, heads, dim, post_norm=att.output.LayerNorm, set_heads=set_heads)
+        spec = AttentionSpec(layer, "attention", Rows(self_att.query), Rows(self_att.key), Rows(self_att.value),
+                             att.output.dense, heads, heads, dim, post_norm=att.output.LayerNorm, set_heads=set_heads)
+        norms.insert(0, att.output.LayerNorm)
     ffn = FFNSpec(None, None, [layer.intermediate.dense], layer.output.dense)
-    return LayerSpec(name, "bert", layer, spec, ffn, [att.output.LayerNorm, layer.output.LayerNorm])
+    return LayerSpec(name, "bert", layer, spec, ffn, norms)
 
 
 def _distilbert(layer: nn.Module, name: str) -> LayerSpec:
-    att = layer.attention
-    heads, dim = att.n_heads, att.attention_head_size
+    att, spec = layer.attention, None
+    if not is_stub(att):
+        def set_heads(module, h, g):
+            module.n_heads = h
 
-    def set_heads(module, h, g):
-        module.n_heads = h
-
-    spec = AttentionSpec(layer, "attention", Rows(att.q_lin), Rows(att.k_lin), Rows(att.v_lin), att.out_lin,
-                         heads, heads, dim, set_heads=set_heads)
+        spec = AttentionSpec(layer, "attention", Rows(att.q_lin), Rows(att.k_lin), Rows(att.v_lin), att.out_lin,
+                             att.n_heads, att.n_heads, att.attention_head_size, set_heads=set_heads)
     ffn = FFNSpec(None, None, [layer.ffn.lin1], layer.ffn.lin2)
     return LayerSpec(name, "distilbert", layer, spec, ffn, [layer.sa_layer_norm, layer.output_layer_norm])
 
 
 def _gpt2(layer: nn.Module, name: str) -> LayerSpec:
-    att = layer.attn
-    heads, dim, width = att.num_heads, att.head_dim, att.split_size
+    att, spec, ffn = layer.attn, None, None
+    if not is_stub(att):
+        heads, dim, width = att.num_heads, att.head_dim, att.split_size
 
-    def set_heads(module, h, g):
-        module.num_heads, module.split_size = h, h * dim
+        def set_heads(module, h, g):
+            module.num_heads, module.split_size = h, h * dim
 
-    spec = AttentionSpec(layer, "attn", Rows(att.c_attn, 0), Rows(att.c_attn, width), Rows(att.c_attn, 2 * width),
-                         att.c_proj, heads, heads, dim, set_heads=set_heads)
-    # Conv1D cannot take a zero-width input (it views to (-1, 0)): an empty MLP becomes a stub
-    ffn = FFNSpec(layer, "mlp", [layer.mlp.c_fc], layer.mlp.c_proj)
+        spec = AttentionSpec(layer, "attn", Rows(att.c_attn, 0), Rows(att.c_attn, width),
+                             Rows(att.c_attn, 2 * width), att.c_proj, heads, heads, dim, set_heads=set_heads)
+    if not is_stub(layer.mlp):
+        # Conv1D cannot take a zero-width input (it views to (-1, 0)): an empty MLP becomes a stub
+        ffn = FFNSpec(layer, "mlp", [layer.mlp.c_fc], layer.mlp.c_proj)
     return LayerSpec(name, "gpt2", layer, spec, ffn, [layer.ln_1, layer.ln_2])
 
 
 def _vit(layer: nn.Module, name: str) -> LayerSpec:
-    att = layer.attention
-    heads, dim = att.num_attention_heads, att.head_dim
+    att, spec = layer.attention, None
+    if not is_stub(att):
+        def set_heads(module, h, g):
+            module.num_attention_heads = h
 
-    def set_heads(module, h, g):
-        module.num_attention_heads = h
-
-    spec = AttentionSpec(layer, "attention", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
-                         heads, heads, dim, set_heads=set_heads)
+        spec = AttentionSpec(layer, "attention", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
+                             att.num_attention_heads, att.num_attention_heads, att.head_dim, set_heads=set_heads)
     ffn = FFNSpec(None, None, [layer.mlp.fc1], layer.mlp.fc2)
     return LayerSpec(name, "vit", layer, spec, ffn, [layer.layernorm_before, layer.layernorm_after])
 
 
 def _llama(layer: nn.Module, name: str) -> LayerSpec:
-    att = layer.self_attn
-    dim = att.head_dim
-    heads, kv_heads = out_features(att.q_proj) // dim, out_features(att.k_proj) // dim
+    att, spec = layer.self_attn, None
+    if not is_stub(att):
+        dim = att.head_dim
+        heads, kv_heads = out_features(att.q_proj) // dim, out_features(att.k_proj) // dim
 
-    def set_heads(module, h, g):
-        module.num_key_value_groups = h // g
+        def set_heads(module, h, g):
+            module.num_key_value_groups = h // g
 
-    spec = AttentionSpec(layer, "self_attn", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
-                         heads, kv_heads, dim, set_heads=set_heads)
+        spec = AttentionSpec(layer, "self_attn", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
+                             heads, kv_heads, dim, set_heads=set_heads)
     mlp = layer.mlp
     ffn = FFNSpec(None, None, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
     return LayerSpec(name, "llama", layer, spec, ffn, [layer.input_layernorm, layer.post_attention_layernorm])
 
 
-def _mha_spec(owner: nn.Module | None, attr: str, mha: nn.Module) -> AttentionSpec:
+def _mha_spec(owner: nn.Module | None, attr: str, mha: nn.Module) -> AttentionSpec | None:
+    if is_stub(mha):
+        return None
     return AttentionSpec(owner, attr, None, None, None, mha.out_proj, mha.num_heads, mha.num_heads,
                          mha.head_dim, fused=True, first_arg="query")
 
@@ -198,18 +214,22 @@ def _has(module: nn.Module, *paths: str) -> bool:
 
 
 def _adapter(module: nn.Module) -> Callable[[nn.Module, str], LayerSpec] | None:
-    """The adapter that understands ``module`` as a transformer layer, or None."""
+    """The adapter that understands ``module`` as a transformer layer, or None.
+
+    Matched by the parts that survive ``finalize`` (an emptied attention or GPT-2 MLP becomes a
+    stub), so a pruned model is still understood.
+    """
     if isinstance(module, nn.TransformerEncoderLayer):
         return _encoder_layer
-    if _has(module, "attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
+    if _has(module, "attention", "intermediate.dense", "output.dense", "output.LayerNorm"):
         return _bert
-    if _has(module, "attention.q_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2", "sa_layer_norm"):
+    if _has(module, "attention", "ffn.lin1", "ffn.lin2", "sa_layer_norm", "output_layer_norm"):
         return _distilbert
-    if _has(module, "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "ln_1"):
+    if _has(module, "attn", "mlp", "ln_1", "ln_2"):
         return _gpt2
-    if _has(module, "attention.q_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2", "layernorm_before"):
+    if _has(module, "attention", "mlp.fc1", "mlp.fc2", "layernorm_before", "layernorm_after"):
         return _vit
-    if _has(module, "self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "input_layernorm"):
+    if _has(module, "self_attn", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
         return _llama
     return None
 

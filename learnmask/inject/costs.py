@@ -23,7 +23,6 @@ from einops import rearrange
 from torch import Tensor
 
 from learnmask.inject.architectures import LayerSpec
-from learnmask.inject.layout import in_features, out_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _weight_rows(width: float, bias: float) -> Cost:
 def layer_costs(layer: LayerSpec) -> LayerCosts:
     """The :class:`LayerCosts` of ``layer`` from its modules' actual shapes."""
     att, ffn = layer.attention, layer.ffn
-    d = out_features(att.out) if att is not None else in_features(ffn.up[0])
+    d = layer.hidden_size
     head = kv = attention = Cost()
     heads = kv_heads = head_dim = 0
     if att is not None:

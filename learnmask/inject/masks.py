@@ -191,22 +191,20 @@ class MaskHandle:
 
     # -- sizes -----------------------------------------------------------------------------
 
-    def _probabilities(self, hard: bool) -> dict[str, Tensor]:
-        if hard:
-            return {name: (mask > 0).float() for name, mask in self.eval_masks().items()}
-        return {name: gate.keep_probabilities() for name, gate in self.gates.items()}
-
     def _prunable(self, probs: Mapping[str, Tensor] | None) -> Tensor:
+        """Parameters of the prunable part given keep probabilities (None: all kept)."""
         probs = probs or {}
-        hidden = probs.get("hidden")
-        d = hidden.sum() if hidden is not None else float(self.layers[0].hidden_size) if self.hidden_stream else None
+        d = probs["hidden"].sum() if "hidden" in probs else float(self.layers[0].hidden_size)
         total = torch.zeros(())
         for row, costs in enumerate(self._costs):
             layer_probs = {name: value[row] for name, value in probs.items() if name != "hidden"}
-            total = total + expected_layer_parameters(costs, d if d is not None else costs.hidden, layer_probs)
+            total = total + expected_layer_parameters(costs, d, layer_probs)
         if self.hidden_stream is not None:
             total = total + self.hidden_stream.cost.at(d)
         return total
+
+    def _keep_probabilities(self) -> dict[str, Tensor]:
+        return {name: gate.keep_probabilities() for name, gate in self.gates.items()}
 
     def dense_parameters(self) -> int:
         """Parameters of the model without its gates (what it has before pruning)."""
@@ -219,16 +217,29 @@ class MaskHandle:
 
     def expected_remaining_parameters(self) -> Tensor:
         """``()`` expected parameters left after pruning, differentiable in the gate logits."""
-        return self.dense_parameters() - self.prunable_parameters() + self._prunable(self._probabilities(False))
+        return self.dense_parameters() - self.prunable_parameters() + self._prunable(self._keep_probabilities())
 
     def expected_sparsity(self) -> Tensor:
         """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable."""
-        return 1.0 - self._prunable(self._probabilities(False)) / self.prunable_parameters()
+        return 1.0 - self._prunable(self._keep_probabilities()) / self.prunable_parameters()
 
     def remaining_parameters(self) -> int:
         """Parameters left once the eval masks' closed units are removed (what ``finalize`` keeps,
         except nn.MultiheadAttention heads and grouped-query padding, which stay)."""
-        return round(self.dense_parameters() - self.prunable_parameters() + float(self._prunable(self._probabilities(True))))
+        return self.parameters_for(self.eval_masks())
+
+    def parameters_for(self, masks: Mapping[str, Tensor]) -> int:
+        """Parameters left if the units where ``masks[name] == 0`` were removed.
+
+        Args:
+            masks: granularity name -> tensor of that gate's shape (> 0: kept); a gated
+                granularity left out counts as all kept.
+        """
+        probs = {name: (torch.as_tensor(mask) > 0).float() for name, mask in masks.items()}
+        unknown = sorted(set(probs) - set(self.gates))
+        if unknown:
+            raise ValueError(f"masks given for {unknown}; gated: {', '.join(self.gates)}")
+        return round(self.dense_parameters() - self.prunable_parameters() + float(self._prunable(probs)))
 
     def keep_per_layer(self, name: str = "heads") -> list[float]:
         """Fraction of units each layer keeps under the eval mask of ``name``, in [0, 1]."""
