@@ -1,6 +1,7 @@
 """Atomic file writes and package-file lookup, shared by the runner, the table and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -82,11 +83,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _exclusive(path: pathlib.Path):
+    """Hold an advisory lock on ``<path>.lock`` (POSIX ``flock``; a no-op where fcntl is missing),
+    so that processes sharing one results file (``--shard`` on one machine) never lose a record."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per file there
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Append records to a JSON-lines file atomically (the whole file is rewritten via a temp file)."""
+    """Append records to a JSON-lines file atomically (the whole file is rewritten via a temp file)
+    under an exclusive lock, so concurrent writers (grid shards) each keep their records."""
     path = pathlib.Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
     new = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
-    _atomic_replace(path, lambda handle: handle.write(old + new))
+    with _exclusive(path):
+        old = path.read_bytes() if path.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        _atomic_replace(path, lambda handle: handle.write(old + new))

@@ -13,7 +13,28 @@ def test_append_jsonl_keeps_old_lines_and_leaves_no_temp_files(tmp_path):
     append_jsonl(path, [{"a": 1}])
     append_jsonl(path, [{"a": 2}, {"a": 3}])
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "r.jsonl.lock"]
+
+
+def _append_many(path, writer, count):
+    for i in range(count):
+        append_jsonl(path, [{"writer": writer, "i": i}])
+
+
+def test_concurrent_appends_from_several_processes_lose_no_record(tmp_path):
+    """Grid shards on one machine share a results file: every record must survive."""
+    import multiprocessing
+
+    path = tmp_path / "r.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(path, w, 40)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    records = read_jsonl(path)
+    assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in range(4) for i in range(40)]
 
 
 def test_failed_write_leaves_old_file_intact(tmp_path):
