@@ -195,7 +195,18 @@ def run_case(dtype_name: str, mask: str, seq: int, args) -> dict:
         except Exception as error:  # noqa: BLE001
             record["ms"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
     record.update(verdict(record))
+    record["triton_configs"] = tuned_configs()
     return record
+
+
+def tuned_configs() -> dict:
+    """The block sizes and warps the autotuner picked last, per kernel (for tuning the config list)."""
+    from learnmask.ops import triton_launch
+
+    if not triton_launch._TUNED:
+        return {}
+    tuned = triton_launch._TUNED[0]
+    return {name: str(getattr(getattr(tuned, name), "best_config", None)) for name in ("fwd", "dkdv", "dq")}
 
 
 def verdict(record: dict) -> dict:
