@@ -36,7 +36,7 @@ from einops import rearrange, repeat  # noqa: E402
 from learnmask.ops import triton_backend  # noqa: E402
 from learnmask.ops.base import AttentionInputs  # noqa: E402
 from learnmask.ops.structure import MaskStructure  # noqa: E402
-from learnmask.ops.triton_backend import BACKEND, block_counts, triton_attention  # noqa: E402
+from learnmask.ops.triton_backend import BACKEND, TritonBackend, block_counts, triton_attention  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -300,26 +300,35 @@ def _attention_inputs(q, k, v, *, mask=None, structure=None, token_gate=None):
 
 
 def test_refusals_give_reasons_and_calling_raises():
+    backend = TritonBackend(cpu_interpreter=True)  # takes CPU tensors under the interpreter
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     dense = torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE)
-    reasons = BACKEND.not_supported_reasons(_attention_inputs(q, q, q, mask=dense))
+    reasons = backend.not_supported_reasons(_attention_inputs(q, q, q, mask=dense))
     assert len(reasons) == 1 and "MaskStructure" in reasons[0]
     with pytest.raises(ValueError, match="MaskStructure"):
-        BACKEND(_attention_inputs(q, q, q, mask=dense))
+        backend(_attention_inputs(q, q, q, mask=dense))
     q64 = q.double()
-    assert any("float64" in r for r in BACKEND.not_supported_reasons(_attention_inputs(q64, q64, q64)))
+    assert any("float64" in r for r in backend.not_supported_reasons(_attention_inputs(q64, q64, q64)))
     big = torch.randn(1, 2, 8, 256, device=DEVICE)
-    assert any("at most 128" in r for r in BACKEND.not_supported_reasons(_attention_inputs(big, big, big)))
+    assert any("at most 128" in r for r in backend.not_supported_reasons(_attention_inputs(big, big, big)))
     k3 = torch.randn(1, 3, 8, 16, device=DEVICE)
-    assert any("multiple" in r for r in BACKEND.not_supported_reasons(_attention_inputs(q, k3, k3)))
+    assert any("multiple" in r for r in backend.not_supported_reasons(_attention_inputs(q, k3, k3)))
     gate = torch.ones(1, 7, device=DEVICE)
-    assert any("token_gate" in r for r in BACKEND.not_supported_reasons(_attention_inputs(q, q, q, token_gate=gate)))
+    assert any("token_gate" in r for r in backend.not_supported_reasons(_attention_inputs(q, q, q, token_gate=gate)))
     bad_docs = MaskStructure(q_document_ids=torch.zeros(1, 5, dtype=torch.long),
                              kv_document_ids=torch.zeros(1, 8, dtype=torch.long))
     assert any("q_document_ids" in r
-               for r in BACKEND.not_supported_reasons(_attention_inputs(q, q, q, structure=bad_docs)))
-    assert BACKEND.not_supported_reasons(_attention_inputs(q, q, q)) == []  # no mask: full attention
-    assert BACKEND.name == "triton"
+               for r in backend.not_supported_reasons(_attention_inputs(q, q, q, structure=bad_docs)))
+    assert backend.not_supported_reasons(_attention_inputs(q, q, q)) == []  # no mask: full attention
+    assert BACKEND.name == backend.name == "triton"
+
+
+def test_default_instance_refuses_cpu_so_auto_never_picks_the_interpreter():
+    q = torch.randn(1, 2, 8, 16)
+    reasons = BACKEND.not_supported_reasons(_attention_inputs(q, q, q))
+    assert len(reasons) == 1 and "cpu" in reasons[0]
+    if not HAS_CUDA:  # the interpreter is on in this session: an opted-in instance takes the same inputs
+        assert TritonBackend(cpu_interpreter=True).not_supported_reasons(_attention_inputs(q, q, q)) == []
 
 
 def test_refuses_cpu_without_interpreter_and_missing_triton(monkeypatch):
@@ -335,7 +344,8 @@ def test_refuses_cpu_without_interpreter_and_missing_triton(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bfloat16 refusal applies on CPU")
 def test_interpreter_refuses_bfloat16():
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
-    assert any("bfloat16" in r for r in BACKEND.not_supported_reasons(_attention_inputs(q, q, q)))
+    reasons = TritonBackend(cpu_interpreter=True).not_supported_reasons(_attention_inputs(q, q, q))
+    assert len(reasons) == 1 and "bfloat16" in reasons[0]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="autotuned CUDA kernels at realistic shapes need a GPU")

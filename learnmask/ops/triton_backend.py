@@ -112,13 +112,17 @@ class TritonBackend:
     """Fused block-sparse masked attention (FlashAttention-2, Dao 2023) for structured masks.
 
     ``block_sizes`` (BLOCK_M, BLOCK_N) fixes the tile sizes (powers of two >= 16); None autotunes a
-    few configurations per shape on CUDA and uses (16, 16) in the interpreter.
+    few configurations per shape on CUDA and uses (16, 16) in the interpreter. ``cpu_interpreter``
+    lets this instance take CPU tensors when the kernels run in Triton's interpreter; it is off by
+    default so that ``backend="auto"`` never picks the (very slow) interpreter, even in a test session
+    that enabled it.
     """
 
     name = "triton"
 
-    def __init__(self, block_sizes: tuple[int, int] | None = None) -> None:
+    def __init__(self, block_sizes: tuple[int, int] | None = None, *, cpu_interpreter: bool = False) -> None:
         self.block_sizes = block_sizes
+        self.cpu_interpreter = cpu_interpreter
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         """One sentence per reason this backend cannot compute ``inputs`` (empty when it can)."""
@@ -130,8 +134,12 @@ class TritonBackend:
                            "in the environment before the first `import triton`")
         device = inputs.q.device.type
         if device != "cuda" and not interpreting():
-            reasons.append(f"tensors are on {device}; the triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
-                           f"before {_KERNELS} is imported, for tests)")
+            reasons.append(f"tensors are on {device}; the triton kernel needs CUDA (or, for tests, Triton's CPU "
+                           "interpreter: TRITON_INTERPRET=1 in the environment before triton is imported)")
+        elif device != "cuda" and not self.cpu_interpreter:
+            reasons.append(f"tensors are on {device}; the triton kernel runs there only in Triton's interpreter "
+                           "(slow, for tests), which this instance does not use: pass "
+                           "TritonBackend(cpu_interpreter=True) or call triton_attention")
         structure = _structure_of(inputs)
         if structure is None:
             reasons.append("the mask has no MaskStructure (a user predicate or a dense tensor); the triton "
@@ -206,7 +214,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure |
     inputs = AttentionInputs(q=q, k=k, v=v, mask=structure, structure=structure or MaskStructure(),
                              head_gate=head_gate, token_gate=token_gate,
                              scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
-    return TritonBackend(block_sizes)(inputs)
+    return TritonBackend(block_sizes, cpu_interpreter=True)(inputs)
 
 
 def block_counts(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, *, block_m: int = 16,
@@ -233,4 +241,4 @@ def block_counts(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, *, b
 
 
 BACKEND = TritonBackend()
-"""The instance ``masked_attention`` registers under the name ``"triton"``."""
+"""The default instance (CUDA only): what ``backend="auto"`` may pick."""
