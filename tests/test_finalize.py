@@ -158,3 +158,26 @@ def test_deepcopy_and_state_dict_of_finalized_model():
     assert torch.equal(zoo.run("bert", clone, batch), zoo.run("bert", plain, batch))
     clone.load_state_dict(plain.state_dict())
     assert all(torch.equal(v, clone.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_finalize_head_gates_of_the_recipe_and_the_model_itself(name):
+    from learnmask.inject import apply_head_gates
+
+    model, batch = zoo.make(name), zoo.inputs(name)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    handle = apply_head_gates(model, FixedGate(mask))
+    expected = zoo.run(name, model, batch)
+    plain = finalize(model)  # the handle is found through the model's hooks
+    assert (zoo.run(name, plain, batch) - expected).abs().max().item() <= TOLERANCE
+    assert torch.equal(zoo.run(name, model, batch), expected) and handle.gate is model.learnmask_head_gate
+    assert not hasattr(plain, "learnmask_head_gate") and not plain._forward_pre_hooks
+    dense = sum(p.numel() for p in zoo.make(name).parameters())
+    assert sum(p.numel() for p in plain.parameters()) < dense
+    masks_handle = apply_masks(zoo.make(name), heads=True, gates={"heads": FixedGate(mask)})
+    assert sum(p.numel() for p in finalize(masks_handle).parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_finalize_of_an_ungated_model_is_an_error():
+    with pytest.raises(ValueError, match="BertForSequenceClassification carries no learnmask gates"):
+        finalize(zoo.make("bert"))

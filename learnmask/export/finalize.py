@@ -28,6 +28,7 @@ from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, fi
 from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
+from learnmask.inject.heads import HeadGateHandle
 from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
 from learnmask.export.hidden import prune_hidden
 
@@ -121,12 +122,34 @@ def prune_layers(layers: list[LayerSpec], masks: dict[str, Tensor]) -> None:
                        float(_row(masks, "ffn_blocks", row, None)))
 
 
-def finalize(handle: MaskHandle, *, inplace: bool = False) -> nn.Module:
-    """A plain model with the handle's eval masks baked in and everything closed removed.
+def _handle_of(model: nn.Module) -> MaskHandle | HeadGateHandle:
+    """The handle whose gates ``model`` carries (found through its sampling hook)."""
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(hook, hooks.SampleGates):
+            return hook.handle
+        if isinstance(getattr(hook, "__self__", None), HeadGateHandle):
+            return hook.__self__
+    raise ValueError(f"{type(model).__name__} carries no learnmask gates; gate it with apply_masks or "
+                     "apply_head_gates first (or pass the handle)")
+
+
+def _masks_and_names(handle) -> tuple[dict[str, Tensor], list[str] | None]:
+    if isinstance(handle, HeadGateHandle):
+        gate = handle.gate
+        return {"heads": gate.deterministic_mask(gate.eval_k).detach()}, None
+    if any(layer.arch == "custom" for layer in handle.layers):
+        raise ValueError("finalize needs a supported architecture; a model gated through target_modules/"
+                         "ffn_modules can only be evaluated with its gates (or baked by hand)")
+    return handle.eval_masks(), [layer.name for layer in handle.layers]
+
+
+def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain model with the gates' eval masks baked in and everything closed removed.
 
     Args:
-        handle: from :func:`~learnmask.inject.apply_masks` on a supported architecture.
-        inplace: prune ``handle.model`` itself (the handle is removed first) instead of a copy.
+        target: the handle from :func:`~learnmask.inject.apply_masks` (any granularity) or
+            :func:`~learnmask.inject.apply_head_gates` (heads), or the gated model itself.
+        inplace: prune the gated model itself (its gates are removed first) instead of a copy.
 
     Returns:
         The pruned model (same classes, fewer heads/units/dims; stubs where nothing is left).
@@ -134,30 +157,33 @@ def finalize(handle: MaskHandle, *, inplace: bool = False) -> nn.Module:
         holds no learnmask object, so ``torch.save(model)`` loads where learnmask is absent.
 
     Raises:
-        ValueError: a model gated through ``target_modules``/``ffn_modules`` (learnmask does
-            not know where its q/k/v and up projections are), or a bare
-            ``nn.MultiheadAttention`` model with a closed block.
+        ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
+            (learnmask does not know where its q/k/v and up projections are), or head gates on
+            blocks that are not the layers of a supported architecture.
     """
-    if any(layer.arch == "custom" for layer in handle.layers):
-        raise ValueError("finalize needs a supported architecture; a model gated through target_modules/"
-                         "ffn_modules can only be evaluated with its gates (or baked by hand)")
-    masks = handle.eval_masks()
+    handle = _handle_of(target) if isinstance(target, nn.Module) else target
+    masks, names = _masks_and_names(handle)
     if inplace:
         handle.remove()
         model = handle.model
     else:
         # copy the model without its hooks: a parametrized module's class is shared with its
         # deep copy, so un-parametrizing a copy would break the original
-        handle.detach()
-        try:
+        with handle.detached():
             model = copy.deepcopy(handle.model)
-        finally:
-            handle.attach()
         hooks.strip(model)
-        if hasattr(model, GATES_ATTRIBUTE):
-            delattr(model, GATES_ATTRIBUTE)
+        for attribute in (GATES_ATTRIBUTE, "learnmask_head_gate"):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
     layers = find_layers(model)
-    assert [layer.name for layer in layers] == [layer.name for layer in handle.layers], "layer lists differ"
+    found = [layer.name for layer in layers]
+    if names is None:  # head gates: one block per layer, in the same order
+        blocks = [block.name for block in handle.blocks]
+        if len(blocks) != len(found) or any(not b.startswith(layer + ".") for b, layer in zip(blocks, found)):
+            raise ValueError(f"head gates sit on {[b.name for b in handle.blocks]}, which are not the layers "
+                             f"{found} of a supported architecture; finalize cannot remove them")
+    elif found != names:
+        raise ValueError(f"the model's layers changed since gating: {found} != {names}")
     if "hidden" in masks:
         prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())
     prune_layers(layers, masks)

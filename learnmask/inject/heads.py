@@ -11,6 +11,7 @@ Legend: ``B`` batch, ``S`` sequence length, ``L`` number of attention blocks (la
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator
 
@@ -114,9 +115,25 @@ class HeadGateHandle:
         self.z: torch.Tensor | None = None
         self.capture_grad = False
         self.registered = False
-        self._hooks = [model.register_forward_pre_hook(self._sample)]
-        for index, block in enumerate(blocks):
+        self._hooks = []
+        self._attach()
+
+    def _attach(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._sample))
+        for index, block in enumerate(self.blocks):
             self._hooks.append(block.out_proj.register_forward_pre_hook(self._make_hook(index, block.num_heads)))
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Inside the block the hooks are off (the model computes as if ungated; the gate stays);
+        they are back on after it (used by ``finalize`` to copy the model without them)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        try:
+            yield
+        finally:
+            self._attach()
 
     def _sample(self, module, args):
         z = self.gate()

@@ -7,6 +7,7 @@ ffn_blocks ``(L,)``.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -273,6 +274,16 @@ class MaskHandle:
         """Put the hooks and parametrizations back after :meth:`detach` (no-op if attached)."""
         if not self._hooks:
             self._attach()
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Inside the block the model computes as if ungated (see :meth:`detach`); after it the
+        hooks and parametrizations are back."""
+        self.detach()
+        try:
+            yield
+        finally:
+            self.attach()
 
     def remove(self) -> None:
         """Take every hook, parametrization and gate off; the model is then bit-identical."""
