@@ -95,8 +95,3 @@ def head_index(heads: Tensor, head_dim: int, offset: int = 0) -> Tensor:
     """
     d = torch.arange(head_dim, device=heads.device)
     return rearrange(offset + heads[:, None] * head_dim + d[None, :], "h d -> (h d)")
-
-
-def parameter_count(module: nn.Module | None) -> int:
-    """Scalar parameters of ``module`` (0 for None)."""
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
