@@ -12,7 +12,8 @@ import tomllib
 
 from learnmask.io import read_jsonl
 
-GRIDS = {"heads": "experiments/grids/heads.toml", "controllers": "experiments/grids/controllers.toml"}
+GRIDS = {"heads": "experiments/grids/heads.toml", "controllers": "experiments/grids/controllers.toml",
+         "mlm": "experiments/grids/mlm.toml"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -80,6 +81,8 @@ def _table(args, grid, results, command: str) -> None:
     keys = {cfg.key() for _, cfg in grid.cells(full=args.full, overrides=parse_overrides(args.set))}
     records = [record for record in read_jsonl(results) if record["key"] in keys]
     stem = args.tables_dir / (grid.name + ("-full" if args.full else ""))
+    if grid.recipe == "mlm":
+        return _mlm_table(args, grid, records, stem, results, command)
     summaries = write_tables(grid, records, stem, title=grid.title, command=command, goals=grid.goals)
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
@@ -87,6 +90,18 @@ def _table(args, grid, results, command: str) -> None:
 
     figure = args.tables_dir.parent / "figures" / f"{stem.name}.png"
     if plot_trajectories(records, figure, title=f"{grid.title} ({command})"):
+        print(f"wrote {figure}")
+
+
+def _mlm_table(args, grid, records, stem, results, command: str) -> None:
+    """The masking-rate table and the rate-trajectory figure of an MLM grid."""
+    from learnmask.recipe.mlm_table import plot_rates, write_mlm_tables
+
+    summaries = write_mlm_tables(grid, records, stem, title=grid.title, command=command)
+    print(stem.with_suffix(".md").read_text())
+    print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
+    figure = args.tables_dir.parent / "figures" / f"{stem.name}.png"
+    if plot_rates(records, figure, title=f"{grid.title} ({command})"):
         print(f"wrote {figure}")
 
 

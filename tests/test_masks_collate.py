@@ -162,3 +162,58 @@ def test_as_data_collator_of_the_hugging_face_trainer(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_dataloader_workers_draw_different_masks_and_repeat_across_runs():
+    tokenizer = minilm_tokenizer()
+    examples = tokenize_for_mlm(tokenizer, ["the same sentence is repeated here to be masked"] * 16)
+
+    def run():
+        collator = MLMCollator(tokenizer, mlm_probability=0.5, seed=11)
+        loader = torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=collator, num_workers=2,
+                                             multiprocessing_context="fork")
+        return [batch["labels"] for batch in loader]
+
+    first, again = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # batches 0 and 1 come from different workers: not copies of one stream
+
+
+def test_masking_rate_callback_moves_the_rate_inside_the_trainer(tmp_path):
+    pytest.importorskip("accelerate")
+    import transformers
+
+    from learnmask.control import LinearDecay, LossAdaptiveController
+    from learnmask.masks.rate_callback import MaskingRateCallback
+
+    tokenizer = minilm_tokenizer()
+    seen = []
+
+    class Recording(MLMCollator):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            seen.append(self.mlm_probability)  # the rate this batch was masked at
+            return batch
+
+    def train(callback_kwargs, workers=0):
+        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+        collator = Recording(tokenizer, mlm_probability=0.15, seed=0)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                              report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+                                              disable_tqdm=True, dataloader_num_workers=workers)
+        trainer = transformers.Trainer(model=transformers.BertForMaskedLM(config), args=args, data_collator=collator,
+                                       train_dataset=tokenize_for_mlm(tokenizer, SENTENCES, max_length=16),
+                                       callbacks=[MaskingRateCallback(collator, **callback_kwargs)])
+        trainer.train()
+        return collator
+
+    train({"schedule": LinearDecay(0.5, 0.1, 4)})
+    assert seen[:4] == pytest.approx([0.5, 0.4, 0.3, 0.2])  # a 5th batch may be collated ahead, at schedule(4)
+    seen.clear()
+    controller = LossAdaptiveController(0.2, r_min=0.1, r_max=0.4, max_step=0.05)
+    collator = train({"controller": controller})
+    assert controller.num_updates == 4 and collator.mlm_probability == controller.ratio
+    assert seen[0] == 0.2 and all(0.1 <= r <= 0.4 for r in seen)
+    with pytest.raises(ValueError, match="dataloader_num_workers=0"):
+        train({"schedule": LinearDecay(0.5, 0.1, 4)}, workers=1)

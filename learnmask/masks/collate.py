@@ -156,6 +156,11 @@ class MLMCollator:
         split: replacement fractions, default 0.8 / 0.1 / 0.1.
         seed: seeds a private generator (per DataLoader worker); or give ``generator``.
         pad_to_multiple_of: round S up to a multiple of this.
+        rate_schedule: optional ``schedule(step) -> rate`` (e.g. ``LinearDecay(0.3, 0.15, n)``,
+            Ankner et al., 2023): each call sets ``mlm_probability`` from its own count of
+            batches, ``schedule(batches_collated // batches_per_step)``. Counting in the
+            collator keeps the rate exact when a loader collates batches ahead of the step.
+        batches_per_step: batches per optimizer step (gradient accumulation), >= 1.
 
     Raises:
         ValueError: unknown strategy, a probability outside [0, 1], a tokenizer without a
@@ -166,7 +171,8 @@ class MLMCollator:
                  mlm_probability: float = 0.15, strategy: str = "token", split: ReplacementSplit = ReplacementSplit(),
                  seed: int | None = None, generator: torch.Generator | None = None,
                  pad_to_multiple_of: int | None = None, geometric_p: float = 0.2, max_span: int = 10,
-                 entity_probability: float = 1.0, keywords: Sequence[str] = ()):
+                 entity_probability: float = 1.0, keywords: Sequence[str] = (), rate_schedule=None,
+                 batches_per_step: int = 1):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
         if tokenizer is None and vocab is None:
@@ -180,6 +186,9 @@ class MLMCollator:
         self.entity_probability = check_probability(entity_probability, "entity_probability")
         self.keywords = tuple(keywords)
         self._random = _Seeded(seed, generator)
+        if not isinstance(batches_per_step, int) or batches_per_step < 1:
+            raise ValueError(f"batches_per_step must be an int >= 1; got {batches_per_step!r}")
+        self.rate_schedule, self.batches_per_step, self.batches_collated = rate_schedule, batches_per_step, 0
 
     @property
     def mlm_probability(self) -> float:
@@ -193,6 +202,9 @@ class MLMCollator:
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         """Examples → ``input_ids`` ``(B, S)`` masked, ``attention_mask``, ``labels`` (-100 =
         not predicted), and ``token_type_ids`` when the examples have them."""
+        if self.rate_schedule is not None:
+            self.mlm_probability = self.rate_schedule(self.batches_collated // self.batches_per_step)
+        self.batches_collated += 1
         batch = pad_examples(examples, self.pad_token_id, side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
         generator = self._random.get()
         candidates = candidate_mask(batch["input_ids"], batch["attention_mask"], special_ids=self.vocab.special_ids,

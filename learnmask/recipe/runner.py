@@ -62,9 +62,10 @@ def run_grid(
         return written
     bar = progress_bar(len(todo), show_progress, unit="cell")
     for label, cfg in todo:
-        bar.set_description(f"{label} @ {cfg.target_sparsity:g}, seed {cfg.seed}")
+        target = f" @ {cfg.target_sparsity:g}" if hasattr(cfg, "target_sparsity") else ""
+        bar.set_description(f"{label}{target}, seed {cfg.seed}")
         steps = progress_bar(None, show_progress, leave=False, unit="step")
-        metrics = fit(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps)
+        metrics = _fit_of(grid.recipe)(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps)
         steps.close()
         record = _record(grid.name, label, cfg, metrics)
         append_jsonl(results_path, [record])
@@ -72,6 +73,15 @@ def run_grid(
         bar.update(1)
     bar.close()
     return written
+
+
+def _fit_of(recipe: str):
+    """The function that runs one cell of a ``recipe`` grid (``fit`` for classification)."""
+    if recipe == "mlm":
+        from learnmask.recipe.mlm import fit_mlm
+
+        return fit_mlm
+    return fit
 
 
 def _record(grid: str, label: str, cfg: RunConfig, metrics: dict) -> dict:

@@ -1,0 +1,333 @@
+"""The continued-MLM recipe of one run: head warm-up (cached), training under a masking-rate
+policy, evaluation on a fixed held-out set. Used by the grid runner (``recipe = "mlm"``).
+
+The MLM head runs only at the N selected positions (gathered from the encoder's ``(B, L, H)``
+output), not at all B·L: the same loss, and about ``1 / mlm_probability`` times less work in
+the 30,522-way decoder, which dominates a MiniLM step on CPU otherwise.
+
+Legend: B batch, L tokens per chunk, H hidden size, V vocabulary, N selected positions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+import time
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from learnmask.control import LossAdaptiveController, make_rate_schedule
+from learnmask.io import atomic_torch_save
+from learnmask.masks.inputs import IGNORE_INDEX, MaskingVocab, mlm_loss
+from learnmask.recipe.mlm_config import MLMRunConfig
+from learnmask.recipe.mlm_data import Chunks, batch_indices, heldout_batch, mask_chunks, shakespeare_chunks, step_generator
+from learnmask.recipe.model import default_model_path, freeze_parameters
+
+logger = logging.getLogger(__name__)
+HEAD_PREFIX = "cls.predictions."  # transform (dense + LayerNorm) and bias; the decoder weight is the word embedding
+
+
+def load_masked_lm(model_path: str, seed: int):
+    """Folder, tokenizer and ``AutoModelForMaskedLM`` from a local folder (never a hub).
+
+    The MLM head's transform is drawn from ``torch.manual_seed(seed)`` when the checkpoint
+    has none (all-MiniLM-L6-v2 ships only the encoder; its decoder is the tied embedding).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in the folder.
+        ValueError: nothing loadable there.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = pathlib.Path(model_path) if model_path else default_model_path()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}; expected a local Hugging Face model folder")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForMaskedLM.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"could not load a masked LM from {folder}: {error}") from error
+    if not hasattr(model, "cls"):
+        raise ValueError(f"the MLM recipe needs a BERT-style head (model.cls: transform + tied decoder); "
+                         f"{folder} loads as {type(model).__name__}")
+    return folder, tokenizer, model
+
+
+def masked_lm_outputs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over the labelled positions (0.0 when none) and the number predicted right.
+
+    Args:
+        model: a Hugging Face ``*ForMaskedLM`` with ``base_model`` and ``cls`` (BERT family).
+        input_ids, labels: ``(B, L)``; labels ``-100`` where not predicted.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+    selected = labels != IGNORE_INDEX
+    logits = model.cls(hidden[selected])  # (N, V): the head at the selected positions only
+    targets = labels[selected]
+    return mlm_loss(logits, targets), (logits.argmax(-1) == targets).sum()
+
+
+@torch.no_grad()
+def evaluate_mlm(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> dict:
+    """Held-out ``accuracy`` (argmax = original token, in [0, 1]) and ``loss`` (mean cross-entropy,
+    nats) over all labelled positions, in eval mode; ``masked_tokens`` is their count."""
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids, lab = input_ids[start : start + batch_size], labels[start : start + batch_size]
+        n = int((lab != IGNORE_INDEX).sum())
+        loss, right = masked_lm_outputs(model, ids, lab)
+        total, correct, count = total + loss.item() * n, correct + int(right), count + n
+    return {"accuracy": correct / max(count, 1), "loss": total / max(count, 1), "masked_tokens": count}
+
+
+def head_state(model) -> dict[str, torch.Tensor]:
+    """The MLM head's own tensors (transform and bias), without the tied decoder weight."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.startswith(HEAD_PREFIX) and not k.endswith("decoder.weight")}
+
+
+def log_unigram(train: Chunks, vocab: MaskingVocab) -> torch.Tensor:
+    """``(V,)`` log relative frequency of each id in the training chunks (add-one smoothing;
+    special ids counted as 0): the best bias of an MLM head whose hidden states say nothing."""
+    counts = torch.bincount(train.input_ids.flatten(), minlength=vocab.vocab_size)[: vocab.vocab_size].double()
+    counts[list(vocab.special_ids)] = 0
+    return torch.log((counts + 1) / (counts + 1).sum()).float()
+
+
+def warm_head(cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, evaluation, cache_dir: pathlib.Path) -> dict:
+    """Train the MLM head alone at 15% (token masking) for ``head_warmup_steps``, cached per seed.
+
+    The bias starts at the log unigram frequencies of the training text (:func:`log_unigram`);
+    the encoder runs without gradients in eval mode; only the head's transform and bias learn
+    (AdamW, ``head_lr``). The warmed head and the held-out scores after it ("before" the
+    compared phase) are stored in ``cache_dir/mlm-head-<head_key>.pt`` and reused by every
+    row with the same seed, so all rows start from identical weights.
+
+    Returns:
+        ``{"accuracy", "loss", "masked_tokens", "seconds"}`` on the held-out set after warm-up.
+    """
+    path = pathlib.Path(cache_dir) / f"mlm-head-{cfg.head_key()}.pt"
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        unexpected = model.load_state_dict(cached["head"], strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{path} holds {unexpected}, which {type(model).__name__} lacks; remove the cached head")
+        return cached["metrics"]
+    started = time.perf_counter()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():  # no gradient for the tied decoder weight either
+        p.requires_grad_(name.startswith(HEAD_PREFIX))
+    with torch.no_grad():
+        model.cls.predictions.bias.copy_(log_unigram(train, vocab))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.head_lr, weight_decay=0.0)
+    model.eval()
+    for step in range(cfg.head_warmup_steps):
+        chosen = batch_indices(len(train), cfg.batch_size, step, cfg.seed, stream=1)
+        ids, labels = mask_chunks("token", Chunks(train.input_ids[chosen], train.word_ids[chosen]), vocab, 0.15,
+                                  step_generator(cfg.seed, step, stream=1))
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        selected = labels != IGNORE_INDEX
+        loss = mlm_loss(model.cls(hidden[selected]), labels[selected])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])
+    metrics = {**evaluate_mlm(model, *evaluation), "seconds": round(time.perf_counter() - started, 1)}
+    atomic_torch_save({"head": head_state(model), "metrics": metrics}, path)
+    return metrics
+
+
+class RatePolicy:
+    """The masking rate at each step: a schedule of the step, or a loss-adaptive controller.
+
+    ``adaptive`` feeds every training loss to a :class:`LossAdaptiveController` with
+    ``harder="up"``: the rate rises by ``adaptive_max_step`` while the loss stays at or below
+    its running level (the model finds the task easy) and falls when the loss rises above it.
+    """
+
+    def __init__(self, cfg: MLMRunConfig):
+        self.controller = None
+        if cfg.schedule == "adaptive":
+            self.controller = LossAdaptiveController(cfg.mlm_probability, r_min=cfg.rate_min, r_max=cfg.rate_max, harder="up",
+                                                     ema=cfg.adaptive_ema, tolerance=cfg.adaptive_tolerance,
+                                                     max_step=cfg.adaptive_max_step)
+        else:
+            # reaches final_mlm_probability at the last step
+            self.schedule = make_rate_schedule(cfg.schedule, cfg.mlm_probability, cfg.final_mlm_probability, cfg.steps - 1)
+
+    def rate(self, step: int) -> float:
+        """``mlm_probability`` for ``step``, in [0, 1]."""
+        return self.controller.ratio if self.controller else self.schedule(step)
+
+    def observe(self, loss: float) -> None:
+        """Feed the training loss of the step just taken (schedules ignore it)."""
+        if self.controller:
+            self.controller.update(loss)
+
+    def metrics(self) -> dict:
+        """Controller numbers for logging (empty for schedules)."""
+        return self.controller.last_metrics() if self.controller else {}
+
+    def state_dict(self) -> dict | None:
+        return self.controller.state_dict() if self.controller else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.controller:
+            self.controller.load_state_dict(state)
+
+
+class MLMTrainer:
+    """The compared phase: AdamW (linear warm-up and decay), masking at the policy's rate,
+    TensorBoard scalars every step, a checkpoint every ``checkpoint_every`` steps, exact resume.
+
+    Masks and batches at step t depend only on ``(seed, t)``; dropout draws from the torch RNG,
+    whose state is checkpointed; so an interrupted run resumes to bit-identical results.
+    """
+
+    def __init__(self, cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, run_dir: pathlib.Path):
+        self.cfg, self.model, self.vocab, self.train, self.run_dir = cfg, model, vocab, train, run_dir
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.dim() >= 2]
+        no_decay = [p for n, p in trainable if p.dim() < 2]  # biases and LayerNorm weights
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.policy = RatePolicy(cfg)
+        self.step, self.rates, self.losses = 0, [], []
+        self._seconds_before, self._started = 0.0, time.perf_counter()
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = max(1, int(self.cfg.warmup_ratio * self.cfg.steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - warmup))
+
+    def _train_step(self) -> float:
+        rate = self.policy.rate(self.step)
+        chosen = batch_indices(len(self.train), self.cfg.batch_size, self.step, self.cfg.seed)
+        batch = Chunks(self.train.input_ids[chosen], self.train.word_ids[chosen])
+        ids, labels = mask_chunks(self.cfg.strategy, batch, self.vocab, rate, step_generator(self.cfg.seed, self.step))
+        loss, _ = masked_lm_outputs(self.model, ids, labels)
+        if torch.isfinite(loss):
+            loss.backward()
+            self.optimizer.step()
+        else:
+            logger.warning("step %d: non-finite loss %s, step skipped", self.step, loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.policy.observe(loss.item())
+        self.rates.append(rate)
+        self.losses.append(loss.item())
+        return rate
+
+    def _log(self, rate: float) -> None:
+        w, step = self.writer, self.step
+        w.add_scalar("mlm_probability", rate, step)
+        w.add_scalar("loss/train", self.losses[-1], step)
+        w.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
+        for name, value in self.policy.metrics().items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                w.add_scalar(f"controller/{name}", value, step)
+
+    def run(self, progress=None) -> None:
+        """Train from the last checkpoint (if any) to ``cfg.steps``."""
+        self._resume()
+        if progress is not None:
+            if hasattr(progress, "reset"):
+                progress.reset(total=self.cfg.steps)
+            else:
+                progress.total = self.cfg.steps
+            progress.update(self.step)
+        self.model.train()
+        while self.step < self.cfg.steps:
+            rate = self._train_step()
+            self._log(rate)
+            self.step += 1
+            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
+                self._checkpoint()
+            if progress is not None:
+                progress.update(1)
+
+    def seconds(self) -> float:
+        """Training seconds of the compared phase, summed across resumes."""
+        return self._seconds_before + time.perf_counter() - self._started
+
+    def _checkpoint(self) -> None:
+        trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        atomic_torch_save({"key": self.cfg.key(), "step": self.step, "model": trainable,
+                           "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                           "policy": self.policy.state_dict(), "rates": self.rates, "losses": self.losses,
+                           "seconds": self.seconds(), "rng": torch.get_rng_state()}, self.run_dir / "checkpoint.pt")
+
+    def _resume(self) -> None:
+        path = self.run_dir / "checkpoint.pt"
+        if not path.exists():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["key"] != self.cfg.key():
+            raise ValueError(f"{path} belongs to run {state['key']}, not {self.cfg.key()}; remove it or use another folder")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.policy.load_state_dict(state["policy"])
+        self.rates, self.losses, self.step = list(state["rates"]), list(state["losses"]), state["step"]
+        self._seconds_before, self._started = state["seconds"], time.perf_counter()
+        torch.set_rng_state(state["rng"])
+        logger.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def finish(self, metrics: dict) -> None:
+        """Log the held-out scores, close TensorBoard, drop the checkpoint (the run is done)."""
+        for name in ("heldout_accuracy", "heldout_loss"):
+            self.writer.add_scalar(f"final/{name}", metrics[name], self.step)
+        self.writer.close()
+        (self.run_dir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progress=None) -> dict:
+    """Run one continued-MLM config end to end and return its metrics.
+
+    Returns:
+        ``heldout_accuracy`` (masked-token accuracy in [0, 1]) and ``heldout_loss`` (nats) on
+        the fixed held-out set after training, the same ``*_before`` (after the head warm-up),
+        ``final_mlm_probability`` and ``mean_mlm_probability`` (over the steps),
+        ``train_loss_last`` (mean of the last 10% of steps), ``steps``, ``train_seconds``,
+        ``head_warmup_seconds``, ``masked_tokens`` and ``mlm_probability_trajectory``.
+
+    Raises:
+        ValueError, FileNotFoundError: from the config, the data or the model loader.
+    """
+    run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder, tokenizer, model = load_masked_lm(cfg.model_path, cfg.seed)
+    vocab = MaskingVocab.from_tokenizer(tokenizer)
+    train, heldout = shakespeare_chunks(str(folder), cfg.max_length, cfg.heldout_plays)
+    evaluation = heldout_batch(heldout, vocab, count=cfg.eval_chunks, rate=cfg.eval_mlm_probability, seed=cfg.eval_seed)
+    before = warm_head(cfg, model, vocab, train, evaluation, cache_dir)
+    freeze_parameters(model, cfg.freeze)
+    torch.manual_seed(cfg.seed)  # dropout stream of the compared phase, the same whether the head was cached or not
+    trainer = MLMTrainer(cfg, model, vocab, train, run_dir)
+    trainer.run(progress)
+    after = evaluate_mlm(model, *evaluation)
+    every = max(1, len(trainer.rates) // 100)
+    tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
+    metrics = {
+        "heldout_accuracy": after["accuracy"], "heldout_loss": after["loss"], "masked_tokens": after["masked_tokens"],
+        "heldout_accuracy_before": before["accuracy"], "heldout_loss_before": before["loss"],
+        "final_mlm_probability": trainer.rates[-1], "mean_mlm_probability": sum(trainer.rates) / len(trainer.rates),
+        "train_loss_last": sum(tail) / len(tail), "steps": cfg.steps, "train_seconds": round(trainer.seconds(), 1),
+        "head_warmup_seconds": before["seconds"],
+        "mlm_probability_trajectory": {"every": every, "rate": [round(r, 5) for r in trainer.rates[::every]],
+                                       "loss": [round(x, 4) for x in trainer.losses[::every]]},
+    }
+    trainer.finish(metrics)
+    return metrics
