@@ -217,3 +217,16 @@ def test_masking_rate_callback_moves_the_rate_inside_the_trainer(tmp_path):
     assert seen[0] == 0.2 and all(0.1 <= r <= 0.4 for r in seen)
     with pytest.raises(ValueError, match="dataloader_num_workers=0"):
         train({"schedule": LinearDecay(0.5, 0.1, 4)}, workers=1)
+
+
+def test_readme_input_masking_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "MLMCollator" in block)
+    namespace = {"tokenizer": minilm_tokenizer(), "texts": SENTENCES}
+    exec(compile(code, "README.md", "exec"), namespace)
+    batch = namespace["batch"]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    assert namespace["collator"].mlm_probability == 0.3 and (batch["labels"] != IGNORE_INDEX).any()
