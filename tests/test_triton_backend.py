@@ -401,13 +401,13 @@ from triton.compiler import ASTSource
 from learnmask.ops import triton_kernels as fk, triton_kernels_bwd as bk
 from learnmask.ops.triton_launch import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS
 assert not fk.INTERPRETED
-pointers = dict(LOG2Zp="*fp32", LSEp="*fp32", DELTAp="*fp32", DBp="*fp32", PREFIXp="*i32", ROWp="*i32",
+pointers = dict(Zp="*fp32", LSEp="*fp32", DELTAp="*fp32", DZp="*fp32", PREFIXp="*i32", ROWp="*i32",
                 COLp="*i32", QDp="*i64", KDp="*i64", EXACTp="*i32", COUNTp="*i32")
 flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, HAS_GATE=True, HAS_PREFIX=True, HAS_TABLE=True,
              PREC="tf32")
-for fn, (m, n, warps, stages), extra in [(fk.attn_fwd, FWD_CONFIGS[0], dict(COUNT=False)),
-                                        (bk.attn_bwd_dkdv, DKDV_CONFIGS[-1], dict(COUNT=False)),
-                                        (bk.attn_bwd_dq, DQ_CONFIGS[-1], {})]:
+jobs = [(fk.attn_fwd, c, dict(COUNT=False)) for c in FWD_CONFIGS]
+jobs += [(bk.attn_bwd_dkdv, c, dict(COUNT=False)) for c in DKDV_CONFIGS] + [(bk.attn_bwd_dq, c, {}) for c in DQ_CONFIGS]
+for fn, (m, n, warps, stages), extra in jobs:  # every configuration the CUDA path may choose
     consts = dict(flags, BLOCK_M=m, BLOCK_N=n, **extra)
     signature = {a: "constexpr" if a in consts else pointers.get(a, "*fp16" if a.endswith("p") else
                  "fp32" if a.startswith("scale") else "i32") for a in fn.arg_names}
@@ -420,8 +420,9 @@ print("compiled for sm_90")
 @pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="on CUDA the other tests compile and run the kernels")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter does not compile: this lowers the fp16 kernels to a Hopper cubin (ptxas ships
-    with triton), catching code the interpreter accepts but the compiler rejects."""
+    """The interpreter does not compile: this lowers the fp16 kernels, in every tile configuration the
+    CUDA path may choose, to Hopper cubins (ptxas ships with triton), catching code the interpreter
+    accepts but the compiler rejects."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -431,3 +432,40 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip(f"this triton cannot compile offline for CUDA: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled for sm_90" in result.stdout
+
+
+def test_tuning_keeps_the_preferred_config_on_near_ties_and_skips_failing_ones(monkeypatch):
+    """The CUDA path times each candidate once per tuning key; a later candidate must be > 3% faster."""
+    import triton.testing
+
+    from learnmask.ops import triton_launch
+
+    times = {(1,): 1.00, (2,): 0.98, (3,): 0.50}
+    ran = []
+
+    def launch(config):
+        ran.append(config)
+        if config == (3,):
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), times[ran[-1]])[1])
+    key = ("test", 1)
+    try:
+        assert triton_launch._tune(key, [(1,), (2,), (3,)], launch) == (1,)
+        assert triton_launch.CHOSEN[key] == (1,) and "RuntimeError" in triton_launch.TIMINGS[key]["(3,)"]
+    finally:
+        triton_launch.CHOSEN.pop(key, None)
+        triton_launch.TIMINGS.pop(key, None)
+
+
+def test_launch_plan_is_cached_per_structure_and_rebuilt_after_an_in_place_edit():
+    from learnmask.ops import triton_launch
+
+    padding = _padding([30, 12], 37)
+    structure = MaskStructure(causal=True, key_padding=padding)
+    q = torch.randn(2, 2, 37, 16, device=DEVICE)
+    build = lambda: triton_launch.LaunchPlan.build(structure, q, q, q, 0.25, (16, 16), True)  # noqa: E731
+    first = build()
+    assert build() is first
+    padding[1, 12:20] = True
+    assert build() is not first and not torch.equal(build().tables.rows, first.tables.rows)

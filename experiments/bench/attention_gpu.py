@@ -5,13 +5,19 @@ kernel runs at >= 0.9x the speed of compiled FlexAttention (``torch.compile(flex
 ``BlockMask``, the gate read by ``score_mod``) in the forward pass and in forward+backward. SDPA with
 a dense additive mask (``-inf`` off the mask, ``log z`` on it) is timed as the dense baseline.
 
-Cases: fp16 and bf16; D = 64; (S, B, H) in (1024, 8, 16), (4096, 4, 16), (8192, 2, 16); masks causal,
+Cases: fp16 and bf16 (S = 8192: fp16 only, ``--long-dtypes``); D = 64; (S, B, H) in (1024, 8, 16),
+(4096, 4, 16), (8192, 2, 16); masks causal,
 causal sliding window of 256 keys, 8 packed documents (causal inside each), ~50% key padding (not
 causal). Every case is first checked against float32 math on the GPU (max abs errors of the output
 and of the q, k, v, z gradients are printed and stored), then timed with
 ``triton.testing.do_bench`` (median ms). A case that fails records its error and the run goes on;
 cases left when ``--budget-s`` runs out are recorded as skipped. Results are rewritten atomically
-after every case to ``--out``.
+after every case to ``--out``. Each case records the tile configuration the triton launcher chose
+per kernel and the timings it chose from.
+
+First, the host-overhead floor: a gated causal call at S = 128 (B = 1, H = 16, fp16), where the GPU
+work is negligible, timed with ``do_bench`` (fwd, fwd+bwd) and as host time per call (the mean
+wall time of many calls issued without synchronising), for triton and flex.
 
 Run (CUDA only; exits with a message otherwise):
     python experiments/bench/attention_gpu.py [--out paper/results/bench-attention-gpu.json]
@@ -49,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", default="4096,1024,8192", help="comma-separated, run in this order")
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--masks", default="causal,window,documents,padding")
-    parser.add_argument("--budget-s", type=float, default=180.0, help="start no new case after this many seconds")
+    parser.add_argument("--long-dtypes", default="float16", help="dtypes run at S >= 8192")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="start no new case after this many seconds")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench measuring time per measurement")
     return parser.parse_args(argv)
 
@@ -195,18 +202,54 @@ def run_case(dtype_name: str, mask: str, seq: int, args) -> dict:
         except Exception as error:  # noqa: BLE001
             record["ms"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
     record.update(verdict(record))
-    record["triton_configs"] = tuned_configs()
+    record["triton_configs"] = tuned_configs(structure, q, z)
+    log(f"  triton configs (BLOCK_M, BLOCK_N, warps, stages): "
+        f"{ {name: c['chosen'] for name, c in record['triton_configs'].items()} }")
     return record
 
 
-def tuned_configs() -> dict:
-    """The block sizes and warps the autotuner picked last, per kernel (for tuning the config list)."""
+def tuned_configs(structure, q, z) -> dict:
+    """Per kernel, the tile configuration the launcher chose for this case and the timings (ms) it
+    chose from (for tuning the config lists)."""
     from learnmask.ops import triton_launch
 
-    if not triton_launch._TUNED:
-        return {}
-    tuned = triton_launch._TUNED[0]
-    return {name: str(getattr(getattr(tuned, name), "best_config", None)) for name in ("fwd", "dkdv", "dq")}
+    plan = triton_launch.LaunchPlan.build(structure, q, q, q, 1.0 / math.sqrt(q.shape[-1]), None, z is not None)
+    out = {}
+    for name in ("fwd", "dq", "dkdv"):
+        key = (name,) + plan.tune_key
+        out[name] = {"chosen": triton_launch.CHOSEN.get(key), "timings_ms": triton_launch.TIMINGS.get(key)}
+    return out
+
+
+def host_overhead(rep_ms: int, calls: int = 200) -> dict:
+    """Timings of a gated causal call at S = 128 (tiny GPU work): the per-call floor of each path."""
+    batch, heads, seq = 1, 16, 128
+    gen = torch.Generator().manual_seed(0)
+    structure, mask_mod, keep, dependent = build_mask("causal", batch, seq, "cuda", gen)
+    q, k, v, grad = (torch.randn(batch, heads, seq, HEAD_DIM, generator=gen).to("cuda", torch.float16) for _ in range(4))
+    z = (0.1 + 0.9 * torch.rand(batch, seq, generator=gen)).to("cuda")
+    impls, _ = make_impls(structure, mask_mod, keep, dependent, batch, heads, seq)
+    result = {"S": seq, "B": batch, "H": heads, "dtype": "float16", "mask": "causal"}
+    for name in ("triton", "flex"):
+        fn = impls[name]
+        try:
+            run_impl(fn, q, k, v, z, grad)  # compile / tune
+            timed = time_impl(fn, q, k, v, z, grad, rep_ms)
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, z)]
+            for phase in ("fwd", "fwd_bwd"):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    out = fn(*leaves)
+                    if phase == "fwd_bwd":
+                        torch.autograd.grad(out, leaves, grad, allow_unused=True)
+                host = (time.perf_counter() - start) / calls * 1e3
+                torch.cuda.synchronize()
+                timed[f"host_{phase}"] = host
+            result[name] = timed
+        except Exception as error:  # noqa: BLE001
+            result[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    return result
 
 
 def verdict(record: dict) -> dict:
@@ -272,8 +315,12 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "goal": f"triton >= {GOAL}x FlexAttention speed with soft token gates fused", "cases": []}
     began = time.perf_counter()
+    results["host_overhead_ms"] = host_overhead(args.rep_ms)
+    log(f"host overhead (S=128, ms; do_bench fwd/fwd_bwd and host_* = wall time per call without sync): "
+        f"{results['host_overhead_ms']}")
+    long_dtypes = args.long_dtypes.split(",")
     cases = [(s, d, m) for s in map(int, args.seq_lens.split(",")) for d in args.dtypes.split(",")
-             for m in args.masks.split(",")]
+             for m in args.masks.split(",") if s < 8192 or d in long_dtypes]
     for number, (seq, dtype_name, mask) in enumerate(cases, 1):
         elapsed = time.perf_counter() - began
         if elapsed > args.budget_s:

@@ -24,6 +24,7 @@ import importlib.util
 import math
 import os
 import sys
+import weakref
 
 import torch
 from einops import rearrange
@@ -58,10 +59,14 @@ def _interpreter_mismatch() -> bool:
     return not isinstance(tl.standard.cdiv, InterpretedFunction)
 
 
+_NO_MASK = MaskStructure()
+"""The structure of "no mask" (one object, so the per-structure launch cache is reused)."""
+
+
 def _structure_of(inputs: AttentionInputs) -> MaskStructure | None:
     if inputs.structure is not None:
         return inputs.structure
-    return MaskStructure() if inputs.mask is None else None
+    return _NO_MASK if inputs.mask is None else None
 
 
 def _shape_reasons(name: str, t: Tensor | None, expected: tuple[int, ...], batch: int) -> list[str]:
@@ -123,6 +128,7 @@ class TritonBackend:
     def __init__(self, block_sizes: tuple[int, int] | None = None, *, cpu_interpreter: bool = False) -> None:
         self.block_sizes = block_sizes
         self.cpu_interpreter = cpu_interpreter
+        self._accepted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         """One sentence per reason this backend cannot compute ``inputs`` (empty when it can)."""
@@ -155,11 +161,32 @@ class TritonBackend:
         Raises:
             ValueError: the inputs are not supported (the message lists the reasons).
         """
-        reasons = self.not_supported_reasons(inputs)
-        if reasons:
-            raise ValueError("triton backend cannot run these inputs: " + "; ".join(reasons))
-        return _run(inputs.q, inputs.k, inputs.v, _structure_of(inputs), inputs.token_gate,
+        structure = _structure_of(inputs)
+        key = _accept_key(inputs, structure)
+        accepted = None if key is None else self._accepted.get(structure)
+        if accepted is None or key not in accepted:
+            reasons = self.not_supported_reasons(inputs)
+            if reasons:
+                raise ValueError("triton backend cannot run these inputs: " + "; ".join(reasons))
+            if key is not None:  # CUDA inputs: the same shapes, dtypes and structure skip these checks next time
+                accepted = self._accepted.setdefault(structure, set())
+                if len(accepted) > 64:
+                    accepted.clear()
+                accepted.add(key)
+        return _run(inputs.q, inputs.k, inputs.v, structure, inputs.token_gate,
                     inputs.head_gate, inputs.scale, self.block_sizes)
+
+
+def _accept_key(inputs: AttentionInputs, structure: MaskStructure | None):
+    """What the checks of ``not_supported_reasons`` depend on, for CUDA inputs with a structure (else None)."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if structure is None or q.device.type != "cuda":
+        return None
+    z = inputs.token_gate
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            None if z is None else z.shape,
+            *(None if t is None else t.shape for t in (structure.prefix_lengths, structure.q_document_ids,
+                                                       structure.kv_document_ids, structure.key_padding)))
 
 
 def _blocks(block_sizes: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -172,10 +199,22 @@ def _blocks(block_sizes: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, token_gate: Tensor | None):
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    z = None
-    if token_gate is not None:
-        z = token_gate.to(torch.float32).expand(q.shape[0], k.shape[2]).contiguous()
+    """q, k, v with unit stride in the head dim (copied only when not) and the gate as (B, K)
+    float32 contiguous (no op when it already is: no extra autograd node either)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    z = token_gate
+    if z is not None:
+        if z.dtype != torch.float32:
+            z = z.to(torch.float32)
+        if z.shape[0] != q.shape[0]:
+            z = z.expand(q.shape[0], k.shape[2])
+        if not z.is_contiguous():
+            z = z.contiguous()
     return q, k, v, z
 
 
@@ -184,7 +223,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, token_gate: 
     from learnmask.ops import triton_launch
 
     q, k, v, z = _prepare(q, k, v, token_gate)
-    plan = triton_launch.LaunchPlan.build(structure, q, k, scale, _blocks(block_sizes))
+    plan = triton_launch.LaunchPlan.build(structure, q, k, v, scale, _blocks(block_sizes), z is not None)
     out = triton_launch.FusedMaskedAttention.apply(q, k, v, z, plan)
     if head_gate is not None:
         pattern = "h -> 1 h 1 1" if head_gate.dim() == 1 else "b h -> b h 1 1"
@@ -211,10 +250,22 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure |
     Raises:
         ValueError: the inputs are not supported (the message lists the reasons).
     """
-    inputs = AttentionInputs(q=q, k=k, v=v, mask=structure, structure=structure or MaskStructure(),
+    inputs = AttentionInputs(q=q, k=k, v=v, mask=structure, structure=_NO_MASK if structure is None else structure,
                              head_gate=head_gate, token_gate=token_gate,
                              scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
-    return TritonBackend(block_sizes, cpu_interpreter=True)(inputs)
+    return _instance(block_sizes)(inputs)
+
+
+_INSTANCES: dict = {}
+
+
+def _instance(block_sizes: tuple[int, int] | None) -> TritonBackend:
+    """One opted-in backend per block-size choice, so its accepted-inputs cache persists across calls."""
+    key = None if block_sizes is None else tuple(block_sizes)
+    backend = _INSTANCES.get(key)
+    if backend is None:
+        backend = _INSTANCES[key] = TritonBackend(block_sizes, cpu_interpreter=True)
+    return backend
 
 
 def block_counts(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, *, block_m: int = 16,
@@ -230,7 +281,8 @@ def block_counts(q: Tensor, k: Tensor, v: Tensor, structure: MaskStructure, *, b
     from learnmask.ops import triton_launch
 
     q, k, v, _ = _prepare(q, k, v, None)
-    plan = triton_launch.LaunchPlan.build(structure, q, k, 1.0 / math.sqrt(q.shape[-1]), _blocks((block_m, block_n)))
+    plan = triton_launch.LaunchPlan.build(structure, q, k, v, 1.0 / math.sqrt(q.shape[-1]), _blocks((block_m, block_n)),
+                                          False)
     batch, heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     fwd = torch.zeros(batch, heads, -(-q_len // block_m), 2, dtype=torch.int32, device=q.device)

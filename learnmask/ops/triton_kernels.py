@@ -18,7 +18,8 @@ The same holds per key j for query intervals (table (B, 4, K)), used by the dK/d
 
 A query block visits key blocks ``[b_start, b_end)`` only (blocks outside are fully masked and never
 touched), in three runs: partial blocks (mask evaluated elementwise), full blocks (no mask), partial
-blocks. Scores live in base 2: ``s2 = log2(e) * (scale * q.k + log z)``; ``lse2`` is the row's
+blocks. Scores live in base 2: ``s2 = log2(e) * scale * q.k + log2 z`` (the kernels take the raw gate z
+and take its log2 themselves, so no separate launch computes it); ``lse2`` is the row's
 log2-sum-exp2, ``+inf`` for a row with no kept key (its output is exactly 0 and its gradients 0).
 
 Legend: B batch, H query heads, Hkv key/value heads (GROUP = H // Hkv), Q query length, K key length,
@@ -136,7 +137,7 @@ def _store_tile(base, tile, offs, stride, n, offs_d, DIM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
+def _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
              K, start, end, scale_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_GATE: tl.constexpr, HAS_TABLE: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
@@ -147,11 +148,11 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, K, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        if HAS_GATE:
+        if HAS_GATE:  # log2 z of the raw gate (log2 0 = -inf removes the key); out-of-range keys read z = 1
             if MASKED:
-                s += tl.load(lz_base + offs_n, mask=offs_n < K, other=0.0)[None, :]
+                s += tl.log2(tl.load(z_base + offs_n, mask=offs_n < K, other=1.0))[None, :]
             else:
-                s += tl.load(lz_base + offs_n)[None, :]
+                s += tl.log2(tl.load(z_base + offs_n))[None, :]
         if MASKED:
             keep = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             if HAS_TABLE:
@@ -170,7 +171,7 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def attn_fwd(Qp, Kp, Vp, LOG2Zp, Op, LSEp, PREFIXp, ROWp, QDp, KDp, EXACTp, COUNTp,
+def attn_fwd(Qp, Kp, Vp, Zp, Op, LSEp, PREFIXp, ROWp, QDp, KDp, EXACTp, COUNTp,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, row_sb, row_sc,
              H, GROUP, Q, K, causal, window, chunk, scale_log2,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -198,18 +199,18 @@ def attn_fwd(Qp, Kp, Vp, LOG2Zp, Op, LSEp, PREFIXp, ROWp, QDp, KDp, EXACTp, COUN
         exact = 1
     k_base = Kp + b64 * skb + hk * skh
     v_base = Vp + b64 * svb + hk * svh
-    lz_base = LOG2Zp + b64 * K
+    z_base = Zp + b64 * K
     kd_base = KDp + b64 * K
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
                              exact, K, b_start, f_start, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                              BLOCK_N, HAS_GATE, HAS_TABLE, True, PREC)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
                              exact, K, f_start, f_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                              BLOCK_N, HAS_GATE, HAS_TABLE, False, PREC)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, lz_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
                              exact, K, f_end, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                              BLOCK_N, HAS_GATE, HAS_TABLE, True, PREC)
     empty = l_i == 0.0

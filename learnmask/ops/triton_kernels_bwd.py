@@ -1,13 +1,14 @@
 """Backward Triton kernels of the fused masked attention (FlashAttention-2, Dao 2023).
 
-Two launches after :func:`learnmask.ops.triton_kernels.attn_bwd_delta`: one program per
-(key block, batch*kv head) accumulates dK, dV and the per-key score-bias gradient over the query
-blocks of every query head of its group (no atomics); one program per (query block, batch*head)
-accumulates dQ. Both visit only the blocks the forward visits, in the same partial / full / partial
+Two launches: first one program per (query block, batch*head) computes FlashAttention-2's
+``delta = rowsum(dO * O)`` of its rows (stored) and accumulates dQ; then one program per
+(key block, batch*kv head) accumulates dK, dV and the per-key gate gradient over the query blocks of
+every query head of its group (no atomics). When dQ is not needed,
+:func:`learnmask.ops.triton_kernels.attn_bwd_delta` computes delta instead. Both visit only the blocks the forward visits, in the same partial / full / partial
 runs, and recompute ``p = exp2(s2 - lse2)`` (zero for a row with no kept key, whose ``lse2`` is
 ``+inf``). With ``ds = p * (dp - delta)`` in natural units: ``dQ = scale * ds @ K``,
 ``dK = scale * ds^T @ Q``, ``dV = p^T @ dO`` and ``dbias[j] = sum_i ds[i, j]`` (the gradient of the
-``log z[j]`` added to the scores).
+``log z[j]`` added to the scores), stored as the gate gradient ``dbias[j] / z[j]``.
 
 Legend: see :mod:`learnmask.ops.triton_kernels`.
 """
@@ -21,7 +22,7 @@ from learnmask.ops.triton_kernels import _NO_SPEC, _block_runs, _col_bounds, _lo
 
 
 @triton.jit
-def _dq_run(dq, q, do, lse2, delta, k_base, v_base, lz_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
+def _dq_run(dq, q, do, lse2, delta, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
             K, start, end, scale_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_TABLE: tl.constexpr,
             MASKED: tl.constexpr, PREC: tl.constexpr):
@@ -35,9 +36,9 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, lz_base, kd_base, skn, svn, 
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if HAS_GATE:
             if MASKED:
-                s += tl.load(lz_base + offs_n, mask=offs_n < K, other=0.0)[None, :]
+                s += tl.log2(tl.load(z_base + offs_n, mask=offs_n < K, other=1.0))[None, :]
             else:
-                s += tl.load(lz_base + offs_n)[None, :]
+                s += tl.log2(tl.load(z_base + offs_n))[None, :]
         if MASKED:
             keep = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             if HAS_TABLE:
@@ -52,13 +53,18 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, lz_base, kd_base, skn, svn, 
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def attn_bwd_dq(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, KDp, EXACTp,
-                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm, row_sb, row_sc,
+def attn_bwd_dq(Qp, Kp, Vp, Zp, Op, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, KDp, EXACTp,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+                row_sb, row_sc,
                 H, GROUP, Q, K, causal, window, chunk, scale, scale_log2,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 HAS_TABLE: tl.constexpr, PREC: tl.constexpr):
-    """dQ (B, H, Q, D) of one (query block, batch*head) program."""
+    """dQ (B, H, Q, D) and delta (B, H, Q) of one (query block, batch*head) program.
+
+    delta = rowsum(dO * O) (FlashAttention-2's preprocessing) is computed here from the block's O and
+    dO tiles and stored for the dK/dV kernel, which is launched after this one on the same stream.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -70,9 +76,11 @@ def attn_bwd_dq(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, 
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(Qp + b64 * sqb + h * sqh, offs_m, sqm, Q, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load_tile(DOp + b64 * sdb + h * sdh, offs_m, sdm, Q, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    o = _load_tile(Op + b64 * sob + h * soh, offs_m, som, Q, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     row = pid_bh.to(tl.int64) * Q + offs_m
+    tl.store(DELTAp + row, delta, mask=offs_m < Q)
     lse2 = tl.load(LSEp + row, mask=offs_m < Q, other=float("inf"))
-    delta = tl.load(DELTAp + row, mask=offs_m < Q, other=0.0)
     lo, hi, flo, fhi = _row_bounds(offs_m, b, Q, K, causal, window, chunk, PREFIXp, ROWp, row_sb, row_sc,
                                    HAS_PREFIX, HAS_TABLE)
     b_start, f_start, f_end, b_end = _block_runs(offs_m < Q, lo, hi, flo, fhi, K, BLOCK_N)
@@ -85,13 +93,13 @@ def attn_bwd_dq(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, 
     k_base = Kp + b64 * skb + hk * skh
     v_base = Vp + b64 * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, LOG2Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, b_start, f_start, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
                  HAS_GATE, HAS_TABLE, True, PREC)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, LOG2Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, f_start, f_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
                  HAS_GATE, HAS_TABLE, False, PREC)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, LOG2Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, f_end, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
                  HAS_GATE, HAS_TABLE, True, PREC)
     _store_tile(DQp + b64 * sdqb + h * sdqh, (dq * scale).to(DQp.dtype.element_ty), offs_m, sdqm, Q, offs_d, HEAD_DIM)
@@ -138,13 +146,17 @@ def _dkdv_run(dk, dv, dbias, k, v, log2z, kd, exact, q_base, do_base, lse_base, 
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def attn_bwd_dkdv(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DKp, DVp, DBp, PREFIXp, ROWp, COLp, QDp, KDp, EXACTp, COUNTp,
+def attn_bwd_dkdv(Qp, Kp, Vp, Zp, DOp, LSEp, DELTAp, DKp, DVp, DZp, PREFIXp, ROWp, COLp, QDp, KDp, EXACTp, COUNTp,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                   row_sb, row_sc, col_sb, col_sc, H, GROUP, Q, K, causal, window, chunk, scale, scale_log2,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PREFIX: tl.constexpr,
                   HAS_TABLE: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr):
-    """dK (B, Hkv, K, D), dV (B, Hkv, K, Dv), dbias (B, Hkv, K) of one (key block, batch*kv head)."""
+    """dK (B, Hkv, K, D), dV (B, Hkv, K, Dv) and the gate gradient of one (key block, batch*kv head).
+
+    The gate gradient per kv head is ``dbias / z`` (0 where z == 0: a removed key has no gradient),
+    stored in DZp (B, Hkv, K) float32; the launcher sums it over kv heads.
+    """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_kv_heads = H // GROUP
@@ -157,8 +169,10 @@ def attn_bwd_dkdv(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DKp, DVp, DBp, PREFIXp,
     k = _load_tile(Kp + b64 * skb + hk * skh, offs_n, skn, K, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(Vp + b64 * svb + hk * svh, offs_n, svn, K, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     if HAS_GATE:
-        log2z = tl.load(LOG2Zp + b64 * K + offs_n, mask=offs_n < K, other=0.0)
+        zk = tl.load(Zp + b64 * K + offs_n, mask=offs_n < K, other=1.0)
+        log2z = tl.log2(zk)
     else:
+        zk = tl.full([BLOCK_N], 1.0, tl.float32)
         log2z = tl.zeros([BLOCK_N], tl.float32)
     if HAS_TABLE:
         kd = tl.load(KDp + b64 * K + offs_n, mask=offs_n < K, other=0)
@@ -192,7 +206,8 @@ def attn_bwd_dkdv(Qp, Kp, Vp, LOG2Zp, DOp, LSEp, DELTAp, DKp, DVp, DBp, PREFIXp,
     _store_tile(DKp + b64 * sdkb + hk * sdkh, (dk * scale).to(DKp.dtype.element_ty), offs_n, sdkn, K, offs_d, HEAD_DIM)
     _store_tile(DVp + b64 * sdvb + hk * sdvh, dv.to(DVp.dtype.element_ty), offs_n, sdvn, K, offs_dv, HEAD_DIM_V)
     if HAS_GATE:
-        tl.store(DBp + pid_bh.to(tl.int64) * K + offs_n, dbias, mask=offs_n < K)
+        dz = tl.where(zk > 0, dbias / tl.where(zk > 0, zk, 1.0), 0.0)
+        tl.store(DZp + pid_bh.to(tl.int64) * K + offs_n, dz, mask=offs_n < K)
     if COUNT:
         slot = COUNTp + (pid_bh * tl.num_programs(0) + pid_n) * 2
         tl.store(slot, b_end - b_start)

@@ -1,4 +1,4 @@
-"""Launching the fused masked-attention kernels: per-row interval tables, autotuning, autograd.
+"""Launching the fused masked-attention kernels: per-row interval tables, tuning, autograd.
 
 Imported only when the ``triton`` backend runs (it imports triton and the kernels). The block
 tables FlashAttention-style kernels need are reduced here to per-row key intervals and per-key
@@ -6,19 +6,27 @@ query intervals (:func:`interval_tables`), computed with a few vectorised torch 
 synchronisation, and cached per :class:`MaskStructure` object (like a FlexAttention ``BlockMask``
 that is built once and reused across layers and steps).
 
+Host work per call is kept small, because at small shapes the GPU finishes a kernel faster than
+Python launches it: everything that depends only on the structure, the shapes, the dtype and the
+scale (tables, constexpr flags, scalar arguments, the tile configuration) is computed once and
+cached in a :class:`LaunchPlan`; a forward is two allocations and one launch, a backward is a few
+allocations, two launches and (with a gate on several kv heads) one sum. The gate's log2 is taken
+inside the kernels, delta = rowsum(dO * O) inside the dQ kernel and the gate gradient dbias / z
+inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_choose`) by
+timing each candidate, then the plain jitted kernel is launched (no ``triton.autotune`` dispatch per
+call).
+
 Legend: B batch, H query heads, Hkv key/value heads, Q query length, K key length, D head dim,
 Dv value head dim.
 """
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
-from einops import reduce
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -113,34 +121,28 @@ def interval_tables(structure: MaskStructure, batch: int, q_len: int, kv_len: in
 
 
 _CACHE: "weakref.WeakKeyDictionary[MaskStructure, dict]" = weakref.WeakKeyDictionary()
+_PLANS_PER_STRUCTURE = 16
 
 
 def _fingerprint(t: Tensor | None):
-    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape), str(t.device))
+    return None if t is None else (t.data_ptr(), t._version, t.shape)
 
 
-def cached_tables(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device):
-    """(prefix lengths (B,) int32 or None, :class:`IntervalTables` or None), cached per structure.
+def _structure_tables(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device):
+    prefix = None
+    if structure.causal and structure.prefix_lengths is not None:
+        prefix = _per_batch(structure.prefix_lengths.reshape(-1, 1), batch, device, torch.int32).reshape(batch)
+    return prefix, interval_tables(structure, batch, q_len, kv_len, device)
 
-    The cache key holds each tensor's storage and version counter, so an in-place edit of a
-    structure tensor recomputes the tables.
-    """
-    key = (batch, q_len, kv_len, str(device)) + tuple(
-        _fingerprint(t) for t in (structure.prefix_lengths, structure.q_document_ids,
-                                  structure.kv_document_ids, structure.key_padding))
-    per_structure = _CACHE.setdefault(structure, {})
-    if key not in per_structure:
-        prefix = None
-        if structure.causal and structure.prefix_lengths is not None:
-            prefix = _per_batch(structure.prefix_lengths.reshape(-1, 1), batch, device, torch.int32).reshape(batch)
-        per_structure.clear()
-        per_structure[key] = (prefix, interval_tables(structure, batch, q_len, kv_len, device))
-    return per_structure[key]
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 @dataclass(frozen=True, eq=False)
 class LaunchPlan:
-    """What the kernels need besides q, k, v and the gate. ``blocks`` None means autotuned (CUDA)."""
+    """Everything the kernels need besides q, k, v, the gate and the outputs, for one structure,
+    shape, dtype and scale (built once, cached per structure). ``blocks`` None means tuned (CUDA)."""
 
     causal: int
     window: int
@@ -148,17 +150,76 @@ class LaunchPlan:
     prefix: Tensor | None
     tables: IntervalTables | None
     scale: float
-    blocks: tuple[int, int] | None = None
+    blocks: tuple[int, int] | None
+    dummy: Tensor
+    pointers: tuple  # PREFIXp, ROWp, QDp, KDp, EXACTp (dummy where absent)
+    cols: Tensor
+    row_strides: tuple[int, int]
+    col_strides: tuple[int, int]
+    meta: dict  # constexpr flags (all but the block sizes and COUNT)
+    scalars: dict  # H, GROUP, Q, K, causal, window, chunk
+    tune_key: tuple
+    tables_key: tuple  # (B, Q, K, device) the tables were built for
 
     @classmethod
-    def build(cls, structure: MaskStructure, q: Tensor, k: Tensor, scale: float,
-              blocks: tuple[int, int] | None) -> "LaunchPlan":
-        batch, _, q_len, _ = q.shape
-        kv_len = k.shape[2]
-        prefix, tables = cached_tables(structure, batch, q_len, kv_len, q.device)
-        window = 0 if structure.window is None else min(structure.window, q_len + kv_len)
-        chunk = 0 if structure.chunk_size is None else min(structure.chunk_size, q_len + kv_len)
-        return cls(int(structure.causal), window, chunk, prefix, tables, float(scale), blocks)
+    def build(cls, structure: MaskStructure, q: Tensor, k: Tensor, v: Tensor, scale: float,
+              blocks: tuple[int, int] | None, has_gate: bool) -> "LaunchPlan":
+        """The cached plan for these inputs (the shapes, dtype and device of q, k, v)."""
+        batch, heads, q_len, dim = q.shape
+        _, kv_heads, kv_len, dim_v = v.shape
+        return _cached_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, q.dtype, q.device,
+                            float(scale), blocks, has_gate)
+
+
+def _cached_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dtype, device, scale, blocks,
+                 has_gate) -> LaunchPlan:
+    """The plan cached per structure object; the key holds each structure tensor's storage and version
+    counter, so an in-place edit of a structure tensor recomputes the tables."""
+    key = (batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dtype, device, scale, blocks, has_gate)
+    fingerprint = (_fingerprint(structure.prefix_lengths), _fingerprint(structure.q_document_ids),
+                   _fingerprint(structure.kv_document_ids), _fingerprint(structure.key_padding))
+    per_structure = _CACHE.get(structure)
+    if per_structure is None:
+        per_structure = _CACHE.setdefault(structure, {})
+    entry = per_structure.get(key)
+    if entry is not None and entry[0] == fingerprint:
+        return entry[1]
+    if entry is not None:  # a structure tensor was edited in place: every cached table is stale
+        per_structure.clear()
+    tables = None
+    for old_fingerprint, old_plan in per_structure.values():  # same structure, other dtype/heads: reuse tables
+        if old_fingerprint == fingerprint and old_plan.tables_key == (batch, q_len, kv_len, device):
+            tables = (old_plan.prefix, old_plan.tables)
+            break
+    if tables is None:
+        tables = _structure_tables(structure, batch, q_len, kv_len, device)
+    if len(per_structure) >= _PLANS_PER_STRUCTURE:
+        per_structure.clear()
+    plan = _make_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dtype, device, scale, blocks,
+                      has_gate, *tables)
+    per_structure[key] = (fingerprint, plan)
+    return plan
+
+
+def _make_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dtype, device, scale, blocks, has_gate,
+               prefix, tables) -> LaunchPlan:
+    window = 0 if structure.window is None else min(structure.window, q_len + kv_len)
+    chunk = 0 if structure.chunk_size is None else min(structure.chunk_size, q_len + kv_len)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    t = tables
+    pointers = (dummy if prefix is None else prefix, dummy if t is None else t.rows, dummy if t is None else t.q_doc,
+                dummy if t is None else t.kv_doc, dummy if t is None else t.exact)
+    meta = dict(HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=_pad_dim(dim), BLOCK_DV=_pad_dim(dim_v), HAS_GATE=has_gate,
+                HAS_PREFIX=prefix is not None, HAS_TABLE=t is not None, PREC=_dot_precision(dtype))
+    scalars = dict(H=heads, GROUP=heads // kv_heads, Q=q_len, K=kv_len, causal=int(structure.causal),
+                   window=window, chunk=chunk)
+    tune_key = (_bucket(q_len), _bucket(kv_len), _bucket(batch * heads), heads // kv_heads, dim, dim_v, str(dtype),
+                has_gate, prefix is not None, t is not None, int(structure.causal), window > 0, chunk > 0)
+    return LaunchPlan(int(structure.causal), window, chunk, prefix, t, scale, blocks, dummy, pointers,
+                      dummy if t is None else t.cols,
+                      (0, 0) if t is None else (t.rows.stride(0), t.rows.stride(1)),
+                      (0, 0) if t is None else (t.cols.stride(0), t.cols.stride(1)), meta, scalars, tune_key,
+                      (batch, q_len, kv_len, device))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -169,62 +230,80 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _common(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan, dummy: Tensor):
-    t = plan.tables
-    pointers = dict(
-        PREFIXp=dummy if plan.prefix is None else plan.prefix,
-        ROWp=dummy if t is None else t.rows,
-        QDp=dummy if t is None else t.q_doc,
-        KDp=dummy if t is None else t.kv_doc,
-        EXACTp=dummy if t is None else t.exact,
-    )
-    row_strides = (0, 0) if t is None else (t.rows.stride(0), t.rows.stride(1))
-    meta = dict(HEAD_DIM=q.shape[3], HEAD_DIM_V=v.shape[3], BLOCK_D=_pad_dim(q.shape[3]),
-                BLOCK_DV=_pad_dim(v.shape[3]), HAS_GATE=z is not None, HAS_PREFIX=plan.prefix is not None,
-                HAS_TABLE=t is not None, PREC=_dot_precision(q.dtype))
-    scalars = dict(H=q.shape[1], GROUP=q.shape[1] // k.shape[1], Q=q.shape[2], K=k.shape[2],
-                   causal=plan.causal, window=plan.window, chunk=plan.chunk)
-    return pointers, row_strides, meta, scalars
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), the first the preferred one on ties. Checked offline
+# for sm_90 at D = 64 with ptxas (triton 3.9): no spills beyond 8 bytes. Left out for spilling:
+# dK/dV (32, 64, 4), (128, 64, 8); fwd (64, 128, 4). BLOCK 32 variants give small or sparse
+# problems (short sequences, windows) more programs.
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 3)]
+DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
+TUNE_WARMUP_MS = 10
+TUNE_REP_MS = 40
+TIE = 1.03
+"""A candidate replaces the preferred (earlier) one only when it is more than 3% faster."""
+
+CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
+"""Tuning key -> chosen (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel (read by the benchmark)."""
+TIMINGS: dict[tuple, dict] = {}
+"""Tuning key -> {config: median ms} of the timing that chose it."""
 
 
-def _strides(*tensors: Tensor) -> list[int]:
-    return [s for t in tensors for s in t.stride()[:3]]
+def _tune(key: tuple, configs: list, launch) -> tuple[int, int, int, int]:
+    """Time ``launch(config)`` for each config (median of ``do_bench``) and keep the fastest."""
+    import triton.testing
 
-
-def _log2_gate(z: Tensor | None) -> Tensor | None:
-    """log2 z (B, K) float32, -inf where z == 0 (the kernels add it to base-2 scores)."""
-    return None if z is None else torch.log2(z)
+    timings = {}
+    for config in configs:
+        try:
+            launch(config)  # compiles
+            timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
+                                                      return_mode="median")
+        except Exception as error:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
+            timings[config] = f"{type(error).__name__}: {error}"[:200]
+    timed = [(ms, i, c) for i, (c, ms) in enumerate(timings.items()) if isinstance(ms, float)]
+    if not timed:
+        raise RuntimeError(f"no kernel configuration ran for {key}: {timings}")
+    best_ms = min(ms for ms, _, _ in timed)
+    chosen = min((i, c) for ms, i, c in timed if ms <= best_ms * TIE)[1]
+    TIMINGS[key] = {str(c): ms for c, ms in timings.items()}
+    CHOSEN[key] = chosen
+    return chosen
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan,
             count: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Q, Dv) in q's dtype and lse2 (B, H, Q) float32 (+inf for rows keeping nothing).
 
-    ``z`` is the token gate (B, K) float32 contiguous, or None.
+    ``z`` is the token gate (B, K) float32 contiguous, or None (then ``plan`` was built without gate).
     """
-    z = _log2_gate(z)
     batch, heads, q_len, _ = q.shape
     out = torch.empty(batch, heads, q_len, v.shape[3], dtype=q.dtype, device=q.device)
     lse2 = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
-    pointers, row_strides, meta, scalars = _common(q, k, v, z, plan, lse2)
-    args = [q, k, v, lse2 if z is None else z, out, lse2, pointers["PREFIXp"], pointers["ROWp"], pointers["QDp"],
-            pointers["KDp"], pointers["EXACTp"], lse2 if count is None else count,
-            *_strides(q, k, v, out), *row_strides]
-    scalars["scale_log2"] = plan.scale * LOG2E
-    if plan.blocks is None:
-        grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)  # noqa: E731
-        _tuned().fwd[grid](*args, **scalars, **meta, COUNT=False)
+    dummy = plan.dummy
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+    args = (q, k, v, dummy if z is None else z, out, lse2, *plan.pointers, dummy if count is None else count,
+            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2], *plan.row_strides)
+    scale_log2 = plan.scale * LOG2E
+    counting = count is not None
+
+    def launch(config):
+        block_m, block_n, warps, stages = config
+        fwd_kernels.attn_fwd[(triton.cdiv(q_len, block_m), batch * heads)](
+            *args, **plan.scalars, scale_log2=scale_log2, **plan.meta, BLOCK_M=block_m, BLOCK_N=block_n,
+            COUNT=counting, num_warps=warps, num_stages=stages)
+
+    if plan.blocks is not None:
+        launch((*plan.blocks, 4, 2))
     else:
-        block_m, block_n = plan.blocks
-        grid = (triton.cdiv(q_len, block_m), batch * heads)
-        fwd_kernels.attn_fwd[grid](*args, **scalars, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   COUNT=count is not None, num_warps=4, num_stages=2)
+        key = ("fwd",) + plan.tune_key
+        launch(CHOSEN.get(key) or _tune(key, FWD_CONFIGS, launch))
     return out, lse2
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, out: Tensor, lse2: Tensor,
              plan: LaunchPlan, need_dq: bool = True, need_dkdv: bool = True, count: Tensor | None = None):
-    """(dq, dk, dv, dbias) with dbias (B, Hkv, K) float32 the score-bias gradient (None without gate).
+    """(dq, dk, dv, dz_heads): dz_heads (B, Hkv, K) float32 is the gate gradient per kv head (sum it
+    over kv heads for dz; None without gate).
 
     A gradient that is not needed is None and its kernel is not launched.
     """
@@ -232,52 +311,68 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None
     kv_heads, kv_len = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = torch.empty_like(lse2)
-    block_delta = 16 if plan.blocks is not None else 64
-    fwd_kernels.attn_bwd_delta[(triton.cdiv(q_len, block_delta), batch * heads)](
-        out, grad_out, delta, *_strides(out, grad_out), heads, q_len,
-        HEAD_DIM_V=v.shape[3], BLOCK_DV=_pad_dim(v.shape[3]), BLOCK_M=block_delta)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dbias = None if z is None else torch.empty(batch, kv_heads, kv_len, dtype=torch.float32, device=q.device)
-    z = _log2_gate(z)
-    pointers, row_strides, meta, scalars = _common(q, k, v, z, plan, delta)
-    scalars.update(scale=plan.scale, scale_log2=plan.scale * LOG2E)
-    zp = delta if z is None else z
-    t = plan.tables
-    col_strides = (0, 0) if t is None else (t.cols.stride(0), t.cols.stride(1))
-    dkdv_args = [q, k, v, zp, grad_out, lse2, delta, dk, dv, delta if dbias is None else dbias,
-                 pointers["PREFIXp"], pointers["ROWp"], delta if t is None else t.cols, pointers["QDp"],
-                 pointers["KDp"], pointers["EXACTp"], delta if count is None else count,
-                 *_strides(q, k, v, grad_out, dk, dv), *row_strides, *col_strides]
-    dq_args = [q, k, v, zp, grad_out, lse2, delta, dq, pointers["PREFIXp"], pointers["ROWp"], pointers["QDp"],
-               pointers["KDp"], pointers["EXACTp"], *_strides(q, k, v, grad_out, dq), *row_strides]
-    if plan.blocks is None:
-        tuned = _tuned()
-        if need_dkdv:
-            tuned.dkdv[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
-                *dkdv_args, **scalars, **meta, COUNT=False)
-        if need_dq:
-            tuned.dq[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](*dq_args, **scalars, **meta)
-    else:
-        block_m, block_n = plan.blocks
-        launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
-        if need_dkdv:
-            bwd_kernels.attn_bwd_dkdv[(triton.cdiv(kv_len, block_n), batch * kv_heads)](
-                *dkdv_args, **scalars, **meta, **launch, COUNT=count is not None)
-        if need_dq:
+    dummy = plan.dummy
+    zp = dummy if z is None else z
+    scales = dict(scale=plan.scale, scale_log2=plan.scale * LOG2E)
+    sq, sk, sv, so, sd = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
+    prefix_p, row_p, qd_p, kd_p, exact_p = plan.pointers
+    fixed = plan.blocks is not None
+    dq = None
+    if need_dq:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        sdq = dq.stride()
+        dq_args = (q, k, v, zp, out, grad_out, lse2, delta, dq, prefix_p, row_p, qd_p, kd_p, exact_p,
+                   sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
+                   sd[0], sd[1], sd[2], sdq[0], sdq[1], sdq[2], *plan.row_strides)
+
+        def launch_dq(config):
+            block_m, block_n, warps, stages = config
             bwd_kernels.attn_bwd_dq[(triton.cdiv(q_len, block_m), batch * heads)](
-                *dq_args, **scalars, **meta, **launch)
-    if not need_dkdv:
-        dk = dv = dbias = None
-    return (dq if need_dq else None), dk, dv, dbias
+                *dq_args, **plan.scalars, **scales, **plan.meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps, num_stages=stages)
+
+        if fixed:
+            launch_dq((*plan.blocks, 4, 2))
+        else:
+            key = ("dq",) + plan.tune_key
+            launch_dq(CHOSEN.get(key) or _tune(key, DQ_CONFIGS, launch_dq))
+    elif need_dkdv:  # delta comes from the dQ kernel when it runs
+        block_delta = 16 if fixed else 64
+        fwd_kernels.attn_bwd_delta[(triton.cdiv(q_len, block_delta), batch * heads)](
+            out, grad_out, delta, so[0], so[1], so[2], sd[0], sd[1], sd[2], heads, q_len,
+            HEAD_DIM_V=v.shape[3], BLOCK_DV=_pad_dim(v.shape[3]), BLOCK_M=block_delta)
+    dk = dv = dz = None
+    if need_dkdv:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dz = None if z is None else torch.empty(batch, kv_heads, kv_len, dtype=torch.float32, device=q.device)
+        sdk, sdv = dk.stride(), dv.stride()
+        dkdv_args = (q, k, v, zp, grad_out, lse2, delta, dk, dv, dummy if dz is None else dz, prefix_p, row_p,
+                     plan.cols, qd_p, kd_p, exact_p, dummy if count is None else count,
+                     sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sd[0], sd[1], sd[2],
+                     sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2], *plan.row_strides, *plan.col_strides)
+        counting = count is not None
+
+        def launch_dkdv(config):
+            block_m, block_n, warps, stages = config
+            bwd_kernels.attn_bwd_dkdv[(triton.cdiv(kv_len, block_n), batch * kv_heads)](
+                *dkdv_args, **plan.scalars, **scales, **plan.meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                COUNT=counting, num_warps=warps, num_stages=stages)
+
+        if fixed:
+            launch_dkdv((*plan.blocks, 4, 2))
+        else:
+            key = ("dkdv",) + plan.tune_key
+            launch_dkdv(CHOSEN.get(key) or _tune(key, DKDV_CONFIGS, launch_dkdv))
+    return dq, dk, dv, dz
 
 
 class FusedMaskedAttention(torch.autograd.Function):
     """Autograd of the fused kernel: forward saves lse2 per row; backward recomputes the scores.
 
     ``z`` is the token gate (B, K) float32 contiguous or None; its gradient is
-    ``dbias / z`` where ``z > 0`` and 0 where ``z == 0`` (a removed key has no gradient).
+    ``dbias / z`` where ``z > 0`` and 0 where ``z == 0`` (a removed key has no gradient), computed by
+    the dK/dV kernel per kv head and summed here.
     """
 
     @staticmethod
@@ -292,50 +387,9 @@ class FusedMaskedAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, z, out, lse2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dq, dk, dv, dbias = backward(grad_out, q, k, v, z, out, lse2, ctx.plan, need_dq=needs[0],
-                                     need_dkdv=any(needs[1:4]))
+        dq, dk, dv, dz_heads = backward(grad_out, q, k, v, z, out, lse2, ctx.plan, need_dq=needs[0],
+                                        need_dkdv=needs[1] or needs[2] or needs[3])
         dz = None
-        if z is not None and ctx.needs_input_grad[3]:
-            dbias = reduce(dbias, "b h k -> b k", "sum")
-            dz = torch.where(z > 0, dbias / torch.where(z > 0, z, 1.0), 0.0)
+        if z is not None and needs[3]:
+            dz = dz_heads[:, 0] if dz_heads.shape[1] == 1 else dz_heads.sum(dim=1)
         return dq, dk, dv, dz, None
-
-
-@dataclass(frozen=True)
-class _Tuned:
-    fwd: object
-    dkdv: object
-    dq: object
-
-
-_TUNED: list[_Tuned] = []
-
-
-def _bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). All compile for sm_90 without register spills at
-# D = 64 (checked offline with ptxas); (32, 128, 4) dK/dV and (128, 32, 4) dQ spill and are left out.
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-DKDV_CONFIGS = [(64, 128, 8, 3), (64, 64, 4, 3)]
-DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3)]
-
-
-def _tuned() -> _Tuned:
-    """Autotuned kernels (a few tile sizes and warp counts; tuned per shape, dtype and flags)."""
-    if not _TUNED:
-        key = ["Q", "K", "H", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "HAS_GATE", "HAS_PREFIX", "HAS_TABLE"]
-
-        def configs(shapes):
-            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-        tune = dict(key=key)
-        if "do_bench" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2: short timings
-            tune["do_bench"] = _bench
-        _TUNED.append(_Tuned(
-            fwd=triton.autotune(configs(FWD_CONFIGS), **tune)(fwd_kernels.attn_fwd),
-            dkdv=triton.autotune(configs(DKDV_CONFIGS), **tune)(bwd_kernels.attn_bwd_dkdv),
-            dq=triton.autotune(configs(DQ_CONFIGS), **tune)(bwd_kernels.attn_bwd_dq),
-        ))
-    return _TUNED[0]
