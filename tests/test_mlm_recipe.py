@@ -146,3 +146,15 @@ def test_real_minilm_on_shakespeare_improves_held_out_masked_accuracy(tmp_path):
     assert metrics["heldout_accuracy"] > metrics["heldout_accuracy_before"]
     events = list((tmp_path / "run" / "tensorboard").glob("events.*"))
     assert events and json.dumps(metrics["mlm_probability_trajectory"]["rate"]) == json.dumps([0.3] * 12)
+
+
+@pytest.mark.slow
+def test_golden_losses_of_a_few_real_mlm_steps(tmp_path):
+    """A refactor that changes MLM results (masks, batches, warm-up, loss) fails here."""
+    from golden.make_mlm_golden import losses
+
+    golden = json.loads((pathlib.Path(__file__).parent / "golden" / "mlm_losses.json").read_text())
+    values = losses(tmp_path)
+    torch.testing.assert_close(torch.tensor(values["train_loss"]), torch.tensor(golden["train_loss"]), atol=3e-4, rtol=0)
+    for name in ("heldout_loss_before", "heldout_loss"):
+        assert values[name] == pytest.approx(golden[name], abs=3e-4), name
