@@ -3,8 +3,27 @@
 * :mod:`~learnmask.masks.inputs` -- MLM masking (token, whole-word, span, entity), causal-LM
   labels, the masked-LM loss; :mod:`~learnmask.masks.collate` -- collate functions for a
   ``DataLoader`` or the Hugging Face ``Trainer``.
+* :mod:`~learnmask.masks.attention` -- attention masks as ``mask_mod`` predicates (causal,
+  padding, sliding window, prefix-LM, documents, chunks, user predicates) with ``&``, ``|``, ``~``,
+  materialized as a boolean keep-mask, an additive bias (exactly ``finfo(dtype).min`` where masked)
+  or a FlexAttention ``BlockMask``; the op that takes them is :func:`learnmask.ops.masked_attention`.
 """
 
+from .attention import (
+    AttentionMask,
+    add_biases,
+    bias_to_keep,
+    causal,
+    chunked,
+    document,
+    from_key_padding_mask,
+    from_mod,
+    full,
+    keep_to_bias,
+    padding,
+    prefix_lm,
+    sliding_window,
+)
 from .collate import CausalLMCollator, MLMCollator, tokenize_for_mlm
 from .inputs import (
     IGNORE_INDEX,

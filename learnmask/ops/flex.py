@@ -1,0 +1,159 @@
+"""The ``flex`` masked-attention backend: FlexAttention (Dong et al., 2024) with a cached ``BlockMask``.
+
+Hard structure goes to the ``BlockMask`` (built once per mask object and call sizes, see
+:meth:`learnmask.masks.attention.AttentionMask.block_mask`); a soft token gate goes to a ``score_mod``
+that adds ``log z[b, kv_idx]`` to the score. A ``mask_mod`` carries no gradient, a ``score_mod`` does,
+and a new gate every step needs no new ``BlockMask`` (a fresh closure over a tensor of the same shape
+does not recompile). Rows with no kept key come out as 0 from FlexAttention itself.
+
+By default the backend calls ``torch.compile(flex_attention)`` (compiled once per process; each new
+shape compiles again, which takes seconds to a minute on CPU). ``compile=False`` runs FlexAttention
+eagerly (a dense reference implementation: for tests at small shapes).
+
+Limits (each reported by :meth:`FlexBackend.not_supported_reasons`): the mask must be None or an
+:class:`~learnmask.masks.attention.AttentionMask` (not a dense tensor); on CPU, FlexAttention has no
+backward (torch 2.13), so inputs that need gradients are refused there.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, Q query length, K key length, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import torch
+from torch import Tensor
+
+from learnmask.ops.base import AttentionInputs
+from learnmask.ops.common import apply_head_gate, grad_needed, log_gate
+
+__all__ = ["FlexBackend", "BackendUnavailable", "compiled_flex_attention"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that accepted the inputs found at run time that it cannot run (e.g. compilation
+    failed); ``backend="auto"`` moves on to the next backend."""
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:
+        return None
+    return module
+
+
+@functools.cache
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, created once per process (shapes are static: each new
+    shape compiles anew rather than through dynamic shapes)."""
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compile_reasons(device_type: str) -> tuple[str, ...]:
+    try:
+        import torch._dynamo
+        if not torch._dynamo.is_dynamo_supported():
+            return ("torch.compile (dynamo) is not supported on this Python/platform",)
+    except Exception as error:  # noqa: BLE001 - any failure means: cannot compile
+        return (f"torch.compile is unavailable: {error}",)
+    if device_type == "cpu":
+        try:
+            from torch._inductor import config
+            compiler = config.cpp.cxx[0] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+        except Exception:  # noqa: BLE001
+            compiler = None
+        if not any(shutil.which(c) for c in filter(None, (compiler, "g++", "c++", "clang++"))):
+            return ("no C++ compiler found for torch.compile on CPU (install g++ or set torch._inductor.config.cpp.cxx)",)
+    return ()
+
+
+_RECOMPILE_LIMIT = 64
+
+
+def _recompile_room():
+    """Raise dynamo's per-function recompile limit (8 by default) while calling compiled flex_attention:
+    every mask kind (its ``mask_mod`` code), gate, shape and dtype is one compiled variant of the same
+    function, and past the limit dynamo silently runs FlexAttention eagerly (dense and slow)."""
+    import torch._dynamo.config as config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)})
+
+
+def _gate_score_mod(lg: Tensor):
+    """``score_mod`` adding the log token gate lg (B, K) to each score (a fresh closure per call over a
+    tensor of the same shape: no recompilation, no BlockMask rebuild)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + lg[b, kv_idx]
+    return score_mod
+
+
+class FlexBackend:
+    """FlexAttention with a cached ``BlockMask`` and soft gates as a ``score_mod``.
+
+    Args:
+        compile: call the compiled ``flex_attention`` (True, the fast path) or the eager one.
+        block_size: FlexAttention block size of the ``BlockMask`` (128 is FlexAttention's default).
+    """
+
+    name = "flex"
+
+    def __init__(self, compile: bool = True, block_size: int = 128) -> None:
+        self.compile = compile
+        self.block_size = block_size
+        self._failure: str | None = None
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """One sentence per reason FlexAttention cannot compute ``inputs`` here."""
+        from learnmask.masks.attention import AttentionMask
+
+        if _flex_module() is None:
+            return [f"FlexAttention is not in torch {torch.__version__} (needs torch >= 2.5)"]
+        reasons = []
+        device = inputs.q.device.type
+        if inputs.mask is not None and not isinstance(inputs.mask, AttentionMask):
+            reasons.append("the mask is a dense tensor; flex needs an AttentionMask (learnmask.masks.attention) "
+                           "to build a BlockMask")
+        if device in ("cpu", "mps") and grad_needed(inputs):
+            reasons.append(f"FlexAttention has no backward on {device} in torch {torch.__version__}; inputs "
+                           "that need gradients go to another backend (e.g. 'blocks')")
+        if inputs.q.shape[2] == 0 or inputs.k.shape[2] == 0:
+            reasons.append("empty sequence (Q == 0 or K == 0)")
+        if self.compile:
+            reasons.extend(_compile_reasons(device))
+            if self._failure is not None:
+                reasons.append(self._failure)
+        return reasons
+
+    def __call__(self, inputs: AttentionInputs) -> Tensor:
+        """Output (B, Hq, Q, Dv) in q's dtype.
+
+        Raises:
+            BackendUnavailable: compilation failed (the reason is kept and reported from now on).
+        """
+        q, k, v = inputs.q, inputs.k, inputs.v
+        if q.device.type in ("cpu", "mps") and not torch.is_grad_enabled():
+            q, k, v = q.detach(), k.detach(), v.detach()  # FlexAttention refuses requires_grad there even in no_grad
+        batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        block_mask = None
+        if inputs.mask is not None:
+            block_mask = inputs.mask.block_mask(batch, heads, q_len, kv_len, q.device, self.block_size)
+        score_mod = None
+        if inputs.token_gate is not None:
+            lg = log_gate(inputs.token_gate, torch.float64 if q.dtype == torch.float64 else torch.float32)
+            score_mod = _gate_score_mod(lg.expand(batch, kv_len))
+        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=inputs.scale,
+                      enable_gqa=k.shape[1] != heads)
+        if not self.compile:
+            out = _flex_module().flex_attention(q, k, v, **kwargs)
+        else:
+            try:
+                with _recompile_room():
+                    out = compiled_flex_attention()(q, k, v, **kwargs)
+            except Exception as error:  # noqa: BLE001 - inputs were validated: a failure here is the compiler's
+                self._failure = f"compiling flex_attention failed: {type(error).__name__}: {str(error)[:200]}"
+                raise BackendUnavailable(self._failure) from error
+        return apply_head_gate(out, inputs.head_gate)
