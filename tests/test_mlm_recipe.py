@@ -137,15 +137,18 @@ def test_reproduce_and_table_commands_for_mlm(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_minilm_on_shakespeare_improves_held_out_masked_accuracy(tmp_path):
-    """About a minute on 2 cores: head warm-up, 12 steps at 30%, held-out scored before/after."""
-    cfg = MLMRunConfig(steps=12, batch_size=8, head_warmup_steps=10, eval_chunks=24, lr=2e-4, mlm_probability=0.3)
+    """Under a minute on 2 quiet cores: head warm-up, 20 steps at 30%, held-out scored before/after.
+
+    Measured here: accuracy 8.4% -> 12.8% on 592 masked tokens, loss 6.66 -> 6.33.
+    """
+    cfg = MLMRunConfig(steps=20, batch_size=8, head_warmup_steps=20, eval_chunks=32, lr=5e-4, mlm_probability=0.3)
     metrics = mlm.fit_mlm(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
-    assert metrics["masked_tokens"] > 400
-    assert metrics["heldout_loss_before"] < 9.0  # warmed head: far below uniform ln(30522) = 10.3
-    assert metrics["heldout_loss"] < metrics["heldout_loss_before"] - 0.1
-    assert metrics["heldout_accuracy"] > metrics["heldout_accuracy_before"]
+    assert metrics["masked_tokens"] > 500
+    assert metrics["heldout_loss_before"] < 7.0  # warmed head: far below uniform ln(30522) = 10.3
+    assert metrics["heldout_loss"] < metrics["heldout_loss_before"] - 0.15
+    assert metrics["heldout_accuracy"] > metrics["heldout_accuracy_before"] + 0.02
     events = list((tmp_path / "run" / "tensorboard").glob("events.*"))
-    assert events and json.dumps(metrics["mlm_probability_trajectory"]["rate"]) == json.dumps([0.3] * 12)
+    assert events and json.dumps(metrics["mlm_probability_trajectory"]["rate"]) == json.dumps([0.3] * 20)
 
 
 @pytest.mark.slow

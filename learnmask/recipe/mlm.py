@@ -59,18 +59,21 @@ def load_masked_lm(model_path: str, seed: int):
     return folder, tokenizer, model
 
 
-def masked_lm_outputs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over the labelled positions (0.0 when none) and the number predicted right.
+def masked_lm_outputs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, count_correct: bool = False):
+    """Mean loss over the labelled positions (0.0 when none) and, if asked, the number
+    predicted right (else ``None``).
 
     Args:
         model: a Hugging Face ``*ForMaskedLM`` with ``base_model`` and ``cls`` (BERT family).
-        input_ids, labels: ``(B, L)``; labels ``-100`` where not predicted.
+        input_ids, labels: ``(B, L)`` chunks without padding (so no attention mask is built);
+            labels ``-100`` where not predicted.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state
     selected = labels != IGNORE_INDEX
     logits = model.cls(hidden[selected])  # (N, V): the head at the selected positions only
     targets = labels[selected]
-    return mlm_loss(logits, targets), (logits.argmax(-1) == targets).sum()
+    correct = (logits.argmax(-1) == targets).sum() if count_correct else None
+    return mlm_loss(logits, targets), correct
 
 
 @torch.no_grad()
@@ -82,7 +85,7 @@ def evaluate_mlm(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_siz
     for start in range(0, input_ids.shape[0], batch_size):
         ids, lab = input_ids[start : start + batch_size], labels[start : start + batch_size]
         n = int((lab != IGNORE_INDEX).sum())
-        loss, right = masked_lm_outputs(model, ids, lab)
+        loss, right = masked_lm_outputs(model, ids, lab, count_correct=True)
         total, correct, count = total + loss.item() * n, correct + int(right), count + n
     return {"accuracy": correct / max(count, 1), "loss": total / max(count, 1), "masked_tokens": count}
 
@@ -133,7 +136,7 @@ def warm_head(cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, eval
         ids, labels = mask_chunks("token", Chunks(train.input_ids[chosen], train.word_ids[chosen]), vocab, 0.15,
                                   step_generator(cfg.seed, step, stream=1))
         with torch.no_grad():
-            hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            hidden = model.base_model(input_ids=ids).last_hidden_state
         selected = labels != IGNORE_INDEX
         loss = mlm_loss(model.cls(hidden[selected]), labels[selected])
         loss.backward()

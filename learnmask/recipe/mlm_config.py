@@ -61,17 +61,17 @@ class MLMRunConfig(ValidatedConfig):
     heldout_plays: int = 3
     max_length: int = 128
     batch_size: int = 16
-    steps: int = 50
-    lr: float = 2e-4
+    steps: int = 120
+    lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     freeze: tuple[str, ...] = ("embeddings.word_embeddings",)
-    head_warmup_steps: int = 60
+    head_warmup_steps: int = 100
     head_lr: float = 2e-3
     eval_chunks: int = 128
     eval_mlm_probability: float = 0.15
     eval_seed: int = 1234
-    checkpoint_every: int = 20
+    checkpoint_every: int = 40
 
     def __post_init__(self):
         self._check_types()
