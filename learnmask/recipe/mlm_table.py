@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
+import textwrap
 
 from learnmask.io import atomic_write_bytes, atomic_write_text
 from learnmask.recipe.config import GridConfig
@@ -140,14 +141,14 @@ def plot_rates(records: list[dict], path: pathlib.Path, *, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, ax = plt.subplots(figsize=(6.0, 3.4))
+    figure, ax = plt.subplots(figsize=(6.4, 4.4))
     for row, trajectory in chosen.items():
         ax.plot([i * trajectory["every"] for i in range(len(trajectory["rate"]))], trajectory["rate"], label=row, linewidth=1.4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mlm_probability")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    figure.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
