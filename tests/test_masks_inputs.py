@@ -265,3 +265,12 @@ def test_mlm_loss_equals_cross_entropy_over_labelled_positions():
     labels = torch.tensor([[3, -100, 5, -100], [-100, -100, -100, 10]])
     expected = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
     assert torch.allclose(mlm_loss(logits, labels), expected)
+
+
+def test_a_special_token_typed_in_the_text_is_never_selected(minilm_tokenizer):
+    encoding = minilm_tokenizer(["[CLS] [MASK] hello [SEP] world"], return_special_tokens_mask=True, return_tensors="pt")
+    vocab = MaskingVocab.from_tokenizer(minilm_tokenizer)
+    candidates = candidate_mask(encoding["input_ids"], encoding["attention_mask"], special_ids=vocab.special_ids,
+                                special_tokens_mask=encoding["special_tokens_mask"])
+    chosen = minilm_tokenizer.convert_ids_to_tokens(encoding["input_ids"][candidates].tolist())
+    assert chosen == ["hello", "world"]

@@ -150,8 +150,8 @@ def candidate_mask(
     """``(B, S)`` bool: True where a token may be selected (a real, non-special token).
 
     Padding is where ``attention_mask == 0`` (never decided from the pad id). Special tokens
-    are where ``special_tokens_mask == 1`` if it is given, else where the id is in
-    ``special_ids``.
+    are where the id is in ``special_ids`` or ``special_tokens_mask == 1`` (either one marks
+    it: a literal "[CLS]" typed in the text is a special id the tokenizer's mask misses).
 
     Args:
         input_ids: ``(B, S)`` integer ids.
@@ -167,12 +167,11 @@ def candidate_mask(
     if attention_mask is not None:
         check_same_shape(attention_mask, input_ids, "attention_mask")
         real = attention_mask.bool()
+    ids = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=input_ids.device)
+    special = torch.isin(input_ids, ids)
     if special_tokens_mask is not None:
         check_same_shape(special_tokens_mask, input_ids, "special_tokens_mask")
-        special = special_tokens_mask.bool()
-    else:
-        ids = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=input_ids.device)
-        special = torch.isin(input_ids, ids)
+        special = special | special_tokens_mask.bool()
     return real & ~special
 
 
@@ -266,7 +265,7 @@ def mask_tokens(
             the inputs unchanged with every label -100, 1 selects every real non-special token.
         split: :class:`ReplacementSplit`, default 0.8 / 0.1 / 0.1.
         generator: source of all randomness (selection, then replacement draws).
-        special_tokens_mask: ``(B, S)``, 1 = special; default: ids in ``vocab.special_ids``.
+        special_tokens_mask: ``(B, S)``, 1 = special, on top of the ids in ``vocab.special_ids``.
 
     Returns:
         ``(masked_ids, labels)``, see :func:`apply_replacement`.
