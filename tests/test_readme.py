@@ -19,3 +19,31 @@ def test_readme_python_example_runs():
     assert not hasattr(model, "learnmask_head_gate") and not model._forward_pre_hooks
     assert int(handle.gate.deterministic_mask(3).sum()) == 3
     assert namespace["controller"].step_count == 2
+
+
+def _block(marker: str) -> str:
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    return next(code for code in re.findall(r"```python\n(.*?)```", text, re.S) if marker in code)
+
+
+def test_readme_pruning_example_runs_and_the_saved_model_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_bert(num_labels=2, layers=2, heads=4)
+    namespace = {"model": model, "print": lambda *a: None}
+    exec(compile(_block("finalize(handle)"), "README.md", "exec"), namespace)
+    loaded = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_readme_attention_example_runs_and_matches_the_reference():
+    namespace = {}
+    exec(compile(_block("masked_attention("), "README.md", "exec"), namespace)
+    from learnmask.ops import masked_attention
+
+    q, k, v, mask, gate = (namespace[name] for name in ("q", "k", "v", "mask", "token_gate"))
+    golden = masked_attention(q, k, v, mask=mask, token_gate=gate, backend="reference")
+    assert torch.allclose(namespace["out"], golden, atol=1e-5)
+    assert torch.isfinite(gate.grad).all() and gate.grad.abs().sum() > 0
+    assert torch.equal(namespace["out"][1, :, :, :].isfinite(), torch.ones_like(namespace["out"][1], dtype=torch.bool))
