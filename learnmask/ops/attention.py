@@ -11,8 +11,10 @@ Backends (each says why it refuses an input, as xformers' ``not_supported_reason
 - ``sdpa``: ``scaled_dot_product_attention`` with the dense mask;
 - ``reference``: eager float64 math, the spec.
 
-``backend="auto"`` tries them in that order (:func:`auto_order`) and runs the first that accepts
-the inputs; a backend named explicitly raises :class:`BackendNotSupported` with its reasons. Users
+``backend="auto"`` ranks the backends that accept the inputs by a rough cost estimate
+(:func:`choose_backend` says which one it picks and why; :func:`auto_order` is the registry order it
+falls back on) and runs the first; if one fails at run time (:class:`BackendUnavailable`) it runs the
+next. A backend named explicitly runs or raises :class:`BackendNotSupported` with its reasons. Users
 add backends with :func:`register_backend`.
 """
 
@@ -20,18 +22,22 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
+from learnmask.ops import blocks as _blocks
 from learnmask.ops.base import AttentionBackend, AttentionInputs
 from learnmask.ops.blocks import BlocksBackend
+from learnmask.ops.common import grad_needed
 from learnmask.ops.flex import BackendUnavailable, FlexBackend
 from learnmask.ops.inputs import prepare_inputs
 from learnmask.ops.reference import ReferenceBackend
-from learnmask.ops.sdpa import SDPABackend
+from learnmask.ops.sdpa import SDPABackend, _is_pure_causal
 
 __all__ = ["masked_attention", "register_backend", "get_backend", "auto_order", "backend_reasons",
-           "BackendNotSupported", "BackendUnavailable"]
+           "choose_backend", "AutoChoice", "BackendNotSupported", "BackendUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ def register_backend(backend: AttentionBackend, *, before: str | None = "referen
     """Add ``backend`` (an object with ``name``, ``not_supported_reasons`` and ``__call__``) to the registry.
 
     Args:
-        before: the backend ``auto`` should try after this one (None: try it last).
+        before: the backend ``auto`` should try right after this one (None: try it last). A backend
+            without an ``estimate_seconds(inputs)`` method is tried immediately before ``before``
+            wherever the cost ranking puts that one (see :func:`choose_backend`).
         replace: allow replacing a backend already registered under the same name.
 
     Raises:
@@ -76,7 +84,8 @@ def register_backend(backend: AttentionBackend, *, before: str | None = "referen
 
 
 def auto_order() -> list[str]:
-    """Backend names in the order ``backend="auto"`` tries them."""
+    """Backend names in registry order: the preference order ``backend="auto"`` keeps where it has no
+    cost estimate (non-CPU devices, backends without one; see :func:`choose_backend`)."""
     return list(_ORDER)
 
 
@@ -144,8 +153,9 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
         head_gate: (Hq,) or (B, Hq), scales each head's output; gradients reach it.
         token_gate: (B, K) (or (1, K)) soft keep value z in [0, 1] per key, added to the scores as
             ``log z`` so gradients reach it; z == 0 removes the key (and gives it zero gradient).
-        backend: "auto", a registered name ("triton", "flex", "blocks", "sdpa", "reference") or a
-            backend object.
+        backend: "auto" (the accepting backend with the lowest cost estimate, see
+            :func:`choose_backend`), a registered name ("triton", "flex", "blocks", "sdpa",
+            "reference") or a backend object.
         scale: score scale; default ``1 / sqrt(D)``.
 
     Returns:
@@ -161,18 +171,16 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
         return _run_named(backend, backend.name, inputs)
     if backend != "auto":
         return _run_named(get_backend(backend), backend, inputs)
-    refused: dict[str, list[str]] = {}
-    for name in auto_order():
-        reasons = _reasons_of(name, inputs)
-        if reasons:
-            refused[name] = reasons
-            continue
+    choice = _choose(inputs)
+    refused = dict(choice.refused)
+    for name in choice.ranking:
         try:
             out = get_backend(name)(inputs)
         except BackendUnavailable as error:
             refused[name] = [str(error)]
             continue
-        logger.debug("masked_attention: backend %s (refused: %s)", name, refused)
+        _note_run(get_backend(name), inputs)
+        logger.debug("masked_attention: backend %s (%s; refused: %s)", name, choice.reason, refused)
         return out
     raise BackendNotSupported("no masked-attention backend can run these inputs:\n" + _format(refused))
 
@@ -182,7 +190,9 @@ def _run_named(backend: AttentionBackend, name: str, inputs: AttentionInputs) ->
     if reasons:
         raise BackendNotSupported(f"backend {name!r} cannot run these inputs:\n" + _format({name: reasons}))
     try:
-        return backend(inputs)
+        out = backend(inputs)
+        _note_run(backend, inputs)
+        return out
     except BackendUnavailable as error:
         raise BackendNotSupported(f"backend {name!r} cannot run these inputs:\n" + _format({name: [str(error)]})) \
             from error
@@ -190,3 +200,240 @@ def _run_named(backend: AttentionBackend, name: str, inputs: AttentionInputs) ->
 
 def _format(refused: dict[str, list[str]]) -> str:
     return "\n".join(f"  {name}: {reason}" for name, reasons in refused.items() for reason in reasons)
+
+
+# -- backend="auto": a rough cost model ------------------------------------------------------------
+#
+# Seconds of one call on one CPU thread, fitted by hand to B=2, Hq=8, D=64 fp32 timings at S=512 and
+# 2048 (experiments/bench/attention.py; noisy within ~30%). Only the ranking matters. Compute rates grow
+# with the thread count (by _THREAD_GAIN per extra thread), per-call overheads do not.
+_R_DENSE = 5.5e10    # multiply-adds per second of SDPA's fused CPU kernel without a mask
+_R_MASKED = 4.0e10   # ... with a dense mask (it reads a mask value per pair)
+_R_BLOCKS = 4.5e10   # ... of the per-group fused calls of `blocks`
+_R_EAGER = 1.5e10    # eager matmul/softmax: `blocks`' recomputing backward, SDPA's math kernel
+_R_FLEX = 1.0e10     # compiled FlexAttention on CPU (block-sparse tiles of 128)
+_R_REFERENCE = 1e9   # float64 eager reference
+_C_CALL = 7e-4       # seconds of overhead per `blocks` group call (slicing, partial-tile mask)
+_C_FLEX_CALL = 1e-3  # seconds of overhead per compiled FlexAttention call
+_FLEX_COMPILE_S = 10.0  # a first compiled FlexAttention call at a new shape (tens of seconds on CPU)
+_BWD = 2.5           # backward / forward time of a fused attention kernel
+_FLEX_WASTE = 1.3    # FlexAttention's 128-wide tiles compute more pairs than `blocks`' plan
+_THREAD_GAIN = 0.8
+
+# (shapes, dtype, device, mask kind, gate) of the compiled FlexAttention calls this process has run:
+# flex is worth ranking by its run time only once its kernel is compiled for that shape.
+_FLEX_WARM: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``backend="auto"`` does with some inputs (from :func:`choose_backend`).
+
+    Attributes:
+        name: the backend it runs (the first of ``ranking``).
+        reason: one line saying why.
+        ranking: the accepting backends in the order auto tries them (later ones run only if an
+            earlier one fails at run time with :class:`BackendUnavailable`).
+        estimates: estimated seconds per call of each accepting backend with a cost model (None where
+            the device has no calibrated model, or the backend has none).
+        refused: each refusing backend's reasons.
+    """
+
+    name: str
+    reason: str
+    ranking: list[str]
+    estimates: dict[str, float | None] = field(default_factory=dict)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+
+
+def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
+                   token_gate: Tensor | None = None, scale: float | None = None) -> AutoChoice:
+    """The backend ``masked_attention(..., backend="auto")`` would run for these inputs, and why.
+
+    Same arguments as :func:`masked_attention` (shapes there). Whether gradients are needed is read
+    as the call would: grad mode on and q, k, v or the token gate requiring grad. Deterministic and
+    cheap: no timing, only the mask's structure and the sizes. The rules, in order:
+
+    1. Backends that refuse the inputs are out (their reasons are in ``refused``).
+    2. Fast path, any device: no mask, or a pure causal mask with Q == K and no token gate, runs
+       ``sdpa`` (SDPA's own fused kernels, ``is_causal=True`` for causal) when it accepts.
+    3. On CPU, each accepting backend gets an estimate of its seconds per call (forward, or forward
+       plus backward when gradients are needed) from the row plan ``blocks`` uses
+       (:func:`learnmask.ops.blocks.plan`: the (batch, query, key) pairs it computes and its number
+       of group calls; the plan is cached on the mask, so ``blocks`` reuses it):
+
+       - ``sdpa``: all B·Q·K pairs at the dense-mask rate, backward ``_BWD`` times the forward
+         (``_R_EAGER`` instead when a token gate needs a gradient: SDPA's math kernel);
+       - ``blocks``: the plan's pairs plus a fixed cost per group call; with a token gate that needs a
+         gradient, a recomputing backward at the eager rate;
+       - ``flex`` (inference only on CPU): the plan's pairs at FlexAttention's lower CPU rate, plus
+         ``_FLEX_COMPILE_S`` unless this process already ran compiled flex at these shapes — so
+         ``auto`` picks it only when it is warm and cheaper;
+       - ``reference``: float64 eager math (last resort);
+       - a registered backend with an ``estimate_seconds(inputs)`` method: its own estimate.
+
+       The cheapest runs first, ties broken by registry order (:func:`auto_order`).
+    4. On other devices (no calibrated model): registry order, triton > flex > blocks > sdpa >
+       reference.
+
+    A backend with no estimate keeps its registry place: it is tried immediately before the
+    backend it was registered before (``register_backend(before=...)``), or last.
+
+    Returns:
+        :class:`AutoChoice` with the name, a one-line reason, the full ranking and the estimates.
+
+    Raises:
+        TypeError / ValueError: invalid arguments (as :func:`masked_attention`).
+        BackendNotSupported: every backend refuses the inputs (the message lists each reason).
+    """
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    choice = _choose(inputs)
+    if not choice.ranking:
+        raise BackendNotSupported("no masked-attention backend can run these inputs:\n" + _format(choice.refused))
+    return choice
+
+
+def _choose(inputs: AttentionInputs) -> AutoChoice:
+    """:func:`choose_backend` on validated inputs (``name`` is "" when every backend refuses)."""
+    refused: dict[str, list[str]] = {}
+    accepting: list[str] = []
+    for name in auto_order():
+        reasons = _reasons_of(name, inputs)
+        if reasons:
+            refused[name] = reasons
+        else:
+            accepting.append(name)
+    if not accepting:
+        return AutoChoice("", "every backend refuses", [], {}, refused)
+    q, k = inputs.q, inputs.k
+    grads = grad_needed(inputs)
+    what = "forward+backward" if grads else "forward"
+    no_mask = inputs.mask is None
+    causal_fast = inputs.token_gate is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
+    if "sdpa" in accepting and isinstance(get_backend("sdpa"), SDPABackend) and (no_mask or causal_fast):
+        kind = "no mask: SDPA's fused kernel" if no_mask else "plain causal mask: SDPA's is_causal kernel"
+        ranking = ["sdpa"] + [n for n in accepting if n != "sdpa"]
+        return AutoChoice("sdpa", f"{kind} ({what})", ranking, {}, refused)
+    if q.device.type != "cpu":
+        return AutoChoice(accepting[0], f"first accepting backend in registry order on {q.device.type} "
+                          "(the cost model is calibrated on CPU only)", accepting, {}, refused)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return AutoChoice(accepting[0], "empty sequence: nothing to compute", accepting, {}, refused)
+    memo: list[tuple[int, int, int]] = []
+
+    def stats() -> tuple[int, int, int]:
+        if not memo:
+            memo.append(_plan_stats(inputs))
+        return memo[0]
+
+    estimates = {name: _estimate(name, inputs, grads, stats) for name in accepting}
+    ranking = _rank(accepting, estimates)
+    best = ranking[0]
+    cost = estimates.get(best)
+    if cost is None:
+        reason = f"{best} has no cost estimate and is registered before the cheapest estimated backend"
+    else:
+        others = ", ".join(f"{n} {1e3 * t:.3g}" for n, t in sorted(estimates.items(), key=lambda x: (x[1] is None,
+                                                                                                    x[1] or 0))
+                           if n != best and t is not None)
+        reason = f"lowest estimated CPU time, {what}: {best} {1e3 * cost:.3g} ms" + (f" vs {others} ms" if others else "")
+        if best == "blocks":
+            frac = stats()[0] / _dense_pairs(inputs)
+            reason += f" (plan keeps {frac:.0%} of the pairs)"
+    return AutoChoice(best, reason, ranking, estimates, refused)
+
+
+def _rank(accepting: list[str], estimates: dict[str, float | None]) -> list[str]:
+    """Estimated backends by cost (ties: registry order); each unestimated one right before the next
+    estimated backend that follows it in registry order, or last."""
+    order = {name: i for i, name in enumerate(accepting)}
+    modelled = sorted((n for n in accepting if estimates.get(n) is not None), key=lambda n: (estimates[n], order[n]))
+    attached: dict[str | None, list[str]] = {}
+    for name in accepting:
+        if estimates.get(name) is None:
+            after = next((m for m in accepting[order[name] + 1:] if estimates.get(m) is not None), None)
+            attached.setdefault(after, []).append(name)
+    ranking: list[str] = []
+    for name in modelled:
+        ranking += attached.get(name, []) + [name]
+    return ranking + attached.get(None, [])
+
+
+def _threads_gain() -> float:
+    return 1.0 + _THREAD_GAIN * (max(1, torch.get_num_threads()) - 1)
+
+
+def _dense_pairs(inputs: AttentionInputs) -> int:
+    return inputs.q.shape[0] * inputs.q.shape[2] * inputs.k.shape[2]
+
+
+def _work_per_pair(inputs: AttentionInputs) -> int:
+    """Multiply-adds per (batch, query, key) pair over all query heads: Hq·(D + Dv)."""
+    return inputs.q.shape[1] * (inputs.q.shape[3] + inputs.v.shape[3])
+
+
+def _plan_stats(inputs: AttentionInputs) -> tuple[int, int, int]:
+    """(pairs, group calls, backward row chunks) of the registered ``blocks`` backend's plan."""
+    backend = _REGISTRY.get("blocks")
+    block_q = getattr(backend, "block_q", 64)
+    rows = getattr(backend, "backward_rows", 128)
+    groups, _ = _blocks.plan(inputs, block_q)
+    busy = [g for g in groups if g.k1 > g.k0]
+    pairs = sum((g.b1 - g.b0) * (g.q1 - g.q0) * (g.k1 - g.k0) for g in busy)
+    chunks = sum(-(-(g.q1 - g.q0) // rows) for g in busy)
+    return pairs, len(busy), chunks
+
+
+def _gate_grad(inputs: AttentionInputs) -> bool:
+    return inputs.token_gate is not None and inputs.token_gate.requires_grad and torch.is_grad_enabled()
+
+
+def _estimate(name: str, inputs: AttentionInputs, grads: bool, stats) -> float | None:
+    """Seconds per call of backend ``name`` on CPU (None: no model for it); ``stats()`` gives
+    :func:`_plan_stats` of the inputs (computed once)."""
+    backend = get_backend(name)
+    own = getattr(backend, "estimate_seconds", None)
+    if callable(own):
+        value = own(inputs)
+        return None if value is None else float(value)
+    work, gain = _work_per_pair(inputs), _threads_gain()
+    dense = _dense_pairs(inputs) * work
+    if isinstance(backend, SDPABackend):
+        fwd = dense / (_R_DENSE if inputs.mask is None else _R_MASKED) / gain
+        if not grads:
+            return fwd
+        return fwd + (3 * dense / _R_EAGER / gain if _gate_grad(inputs) else _BWD * fwd)
+    if isinstance(backend, BlocksBackend):
+        pairs, calls, chunks = stats()
+        compute = pairs * work / _R_BLOCKS / gain
+        fwd = compute + calls * _C_CALL
+        if not grads:
+            return fwd
+        if _gate_grad(inputs):  # recomputing backward, one eager pass per chunk of rows
+            return fwd + 3 * pairs * work / _R_EAGER / gain + chunks * _C_CALL
+        return fwd + _BWD * compute + calls * _C_CALL
+    if isinstance(backend, FlexBackend):
+        if grads:
+            return None  # refused on CPU already; no model for other cases
+        pairs, _, _ = stats()
+        cost = _FLEX_WASTE * pairs * work / _R_FLEX / gain + _C_FLEX_CALL
+        if backend.compile and _flex_key(inputs) not in _FLEX_WARM:
+            cost += _FLEX_COMPILE_S
+        return cost
+    if isinstance(backend, ReferenceBackend):
+        return dense / _R_REFERENCE * (1 + (_BWD if grads else 0))
+    return None
+
+
+def _flex_key(inputs: AttentionInputs) -> tuple:
+    """What makes compiled FlexAttention compile anew: shapes, dtype, device, mask kind, gate presence."""
+    mask = inputs.mask
+    kind = None if mask is None else (type(mask).__name__, getattr(mask, "name", None))
+    return (tuple(inputs.q.shape), tuple(inputs.k.shape), tuple(inputs.v.shape), inputs.q.dtype, str(inputs.q.device),
+            kind, inputs.token_gate is not None)
+
+
+def _note_run(backend: AttentionBackend, inputs: AttentionInputs) -> None:
+    """Remember that compiled FlexAttention is warm for these inputs' shapes."""
+    if isinstance(backend, FlexBackend) and backend.compile:
+        _FLEX_WARM.add(_flex_key(inputs))
