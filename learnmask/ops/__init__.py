@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["masked_attention", "register_backend", "get_backend", "auto_order", "backend_reasons",
-           "BackendNotSupported", "BackendUnavailable", "AttentionInputs", "AttentionBackend", "MaskStructure"]
+           "BackendNotSupported", "BackendUnavailable", "choose_backend", "AutoChoice",
+           "AttentionInputs", "AttentionBackend", "MaskStructure"]
 
-_HOME = {name: "learnmask.ops.attention" for name in __all__[:7]}
+_HOME = {name: "learnmask.ops.attention" for name in __all__[:9]}
 _HOME.update(AttentionInputs="learnmask.ops.base", AttentionBackend="learnmask.ops.base",
              MaskStructure="learnmask.ops.structure")
 
