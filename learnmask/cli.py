@@ -6,8 +6,8 @@ import dataclasses
 import json
 import logging
 import pathlib
-import shlex
 import sys
+import shlex
 import tomllib
 
 from learnmask.io import read_jsonl
@@ -80,6 +80,10 @@ def _table(args, grid, results, command: str) -> None:
 
     keys = {cfg.key() for _, cfg in grid.cells(full=args.full, overrides=parse_overrides(args.set))}
     records = [record for record in read_jsonl(results) if record["key"] in keys]
+    missing = len(keys - {record["key"] for record in records})
+    if missing:
+        command += f" (PARTIAL: {missing} of {len(keys)} runs not finished; rerun to complete)"
+        print(f"learnmask: warning: {missing} of {len(keys)} runs of this table are not finished yet", file=sys.stderr)
     stem = args.tables_dir / (grid.name + ("-full" if args.full else ""))
     if grid.recipe == "mlm":
         return _mlm_table(args, grid, records, stem, results, command)

@@ -32,6 +32,12 @@ def package_dir(name: str) -> pathlib.Path:
     return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_replace(path: pathlib.Path, write) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +47,7 @@ def _atomic_replace(path: pathlib.Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -67,7 +74,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSON-lines file; a missing file gives ``[]``.
 
     Raises:
-        ValueError: a line is not valid JSON (the message names the file and line number).
+        ValueError: a line is not valid JSON or not a JSON object (the message names the file and
+            line number).
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -77,9 +85,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or remove that line") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (one record per line)")
+        records.append(record)
     return records
 
 

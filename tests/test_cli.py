@@ -34,6 +34,20 @@ def test_table_command_writes_markdown_and_latex(tmp_path, capsys):
     assert (tmp_path / "t" / "heads.tex").read_text().count("\\\\") == 2
     assert main([*args, "--full"]) == 0  # full_seeds defaults to seeds: same cell, table heads-full.md
     assert "| dense | 0% | 94.6 |" in (tmp_path / "t" / "heads-full.md").read_text()
+    assert "PARTIAL" not in text
+
+
+def test_table_of_unfinished_grid_says_it_is_partial(tmp_path, capsys):
+    grid = tmp_path / "g.toml"
+    grid.write_text('name = "heads"\ntitle = "T"\nseeds = [0, 1]\n[[rows]]\nlabel = "dense"\nmethod = "dense"\n')
+    record = {"grid": "heads", "row": "dense", "key": RunConfig(method="dense").key(),
+              "config": {"target_sparsity": 0.0, "seed": 0, "epochs": 2, "importance_epochs": 1, "method": "dense"},
+              "metrics": {"accuracy": 0.9, "realized_sparsity": 0.0, "parameters": 1e6, "parameters_dense": 1e6}}
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(record) + "\n")
+    assert main(["table", "heads", "--grid-file", str(grid), "--results", str(results), "--tables-dir", str(tmp_path / "t")]) == 0
+    assert "(PARTIAL: 1 of 2 runs not finished; rerun to complete)" in (tmp_path / "t" / "heads.md").read_text()
+    assert "1 of 2 runs of this table are not finished" in capsys.readouterr().err
 
 
 def test_table_without_results_is_a_clear_error(tmp_path, capsys):

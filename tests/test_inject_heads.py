@@ -208,3 +208,36 @@ def test_gate_follows_the_model_mode_when_applied():
     assert not handle.gate.training
     model.train()
     assert handle.gate.training
+
+
+def test_multihead_attention_out_proj_as_target_is_refused_not_silently_ungated():
+    encoder = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)
+    with pytest.raises(ValueError, match="apply_masks"):
+        apply_head_gates(encoder, "hard_concrete", target_modules=["layers.0.self_attn.out_proj"], num_heads=4)
+
+
+def test_gate_of_the_wrong_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="Gate or a registered gate kind name; got int"):
+        apply_head_gates(tiny_bert(num_labels=2, layers=2, heads=4), 3)
+
+
+def test_unregistered_gate_on_a_sequential_follows_eval_mode():
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = torch.nn.Sequential(Attention(), Attention())
+    handle = apply_head_gates(model, "hard_concrete", target_modules=["0.proj", "1.proj"], num_heads=4,
+                              init_log_alpha=0.0)
+    assert not handle.registered
+    model.eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert not handle.gate.training
+    assert torch.equal(first, second)

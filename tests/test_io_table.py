@@ -138,3 +138,23 @@ def test_trajectory_figure_is_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert not plot_trajectories([record("hc", 0.5, 0, 0.9)], tmp_path / "none.png", title="t")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_results_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "t.md", "x")
+        append_jsonl(tmp_path / "r.jsonl", [{"a": 1}])
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "t.md").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "r.jsonl").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_json_line_that_is_not_an_object_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2 is a JSON list, not an object"):
+        read_jsonl(path)

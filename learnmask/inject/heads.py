@@ -76,6 +76,13 @@ def find_attention_blocks(
         for name in target_modules:
             if name not in modules:
                 raise ValueError(f"target module {name!r} not found in {type(model).__name__}")
+            parent = modules.get(name.rpartition(".")[0])
+            if isinstance(parent, nn.MultiheadAttention):
+                raise ValueError(
+                    f"{name!r} is the out_proj of an nn.MultiheadAttention, which uses its weight "
+                    "directly (the module is never called), so a hook there would gate nothing; use "
+                    "learnmask.inject.apply_masks(model, heads=True), which gates it by a parametrization"
+                )
             blocks.append(AttentionBlock(name.rpartition(".")[0], name, modules[name], num_heads))
         return blocks
     for name, module in modules.items():
@@ -136,6 +143,8 @@ class HeadGateHandle:
             self._attach()
 
     def _sample(self, module, args):
+        if not self.registered:  # an unregistered gate (nn.Sequential) does not see model.eval()
+            self.gate.train(module.training)
         z = self.gate()
         if self.capture_grad:
             z = z.detach().requires_grad_(True)
@@ -230,6 +239,8 @@ def apply_head_gates(
     shape = (len(blocks), counts[0])
     if isinstance(gate, str):
         gate = make_gate(gate, shape, **gate_kwargs)
+    if not isinstance(gate, Gate):
+        raise TypeError(f"gate must be a learnmask Gate or a registered gate kind name; got {type(gate).__name__}")
     if tuple(gate.log_alpha.shape) != shape:
         raise ValueError(f"gate has shape {tuple(gate.log_alpha.shape)}; expected (layers, heads) = {shape}")
     parameter = next(model.parameters(), None)
