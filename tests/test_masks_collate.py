@@ -230,3 +230,18 @@ def test_readme_input_masking_example_runs():
     batch = namespace["batch"]
     assert set(batch) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
     assert namespace["collator"].mlm_probability == 0.3 and (batch["labels"] != IGNORE_INDEX).any()
+
+
+def test_a_whole_tokenizer_output_instead_of_a_list_is_a_clear_error():
+    with pytest.raises(ValueError, match="examples must be a list of dicts"):
+        pad_examples({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}, 0)
+    with pytest.raises(ValueError, match="example 0 must be a dict"):
+        pad_examples([[1, 2, 3]], 0)
+
+
+def test_an_explicit_pad_token_id_takes_priority_over_the_tokenizers():
+    tokenizer = minilm_tokenizer()
+    collator = MLMCollator(tokenizer, pad_token_id=999, mlm_probability=0.0)
+    batch = collator([{"input_ids": [101, 2000, 102]}, {"input_ids": [101, 102]}])
+    assert batch["input_ids"][1].tolist() == [101, 102, 999]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 0]

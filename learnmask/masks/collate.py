@@ -61,7 +61,12 @@ def pad_examples(examples: Sequence[dict], pad_token_id: int | None, *, side: st
     """
     if side not in ("right", "left"):
         raise ValueError(f"padding side must be 'right' or 'left'; got {side!r}")
+    if isinstance(examples, (dict, str)) or hasattr(examples, "keys"):
+        raise ValueError(f"examples must be a list of dicts (one per example); got {type(examples).__name__} "
+                         "(a whole tokenizer output? pass [dict(zip(batch, row)) ...] or tokenize_for_mlm(...))")
     for number, example in enumerate(examples):
+        if not hasattr(example, "keys"):
+            raise ValueError(f"example {number} must be a dict with 'input_ids'; got {type(example).__name__}")
         if "input_ids" not in example:
             raise ValueError(f"example {number} has no 'input_ids'; keys: {sorted(example)}")
     lengths = [len(example["input_ids"]) for example in examples]
@@ -146,7 +151,8 @@ class MLMCollator:
 
     Args:
         tokenizer: a Hugging Face tokenizer (mask id, vocabulary, special ids, pad id and
-            padding side); or ``None`` with ``vocab`` and ``pad_token_id``.
+            padding side); or ``None`` with ``vocab`` and ``pad_token_id``. A ``pad_token_id``
+            given explicitly takes priority over the tokenizer's.
         mlm_probability: fraction of real non-special tokens selected, in [0, 1]; may be
             changed between batches (a schedule or controller), validated on every set.
         strategy: ``token`` (Devlin et al., 2019), ``whole_word`` (by ``word_ids``),
@@ -178,7 +184,7 @@ class MLMCollator:
         if tokenizer is None and vocab is None:
             raise ValueError("MLMCollator needs a tokenizer, or vocab=MaskingVocab(...) and pad_token_id")
         self.vocab = vocab or MaskingVocab.from_tokenizer(tokenizer)
-        self.pad_token_id = pad_token_id if tokenizer is None else tokenizer.pad_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None or tokenizer is None else tokenizer.pad_token_id
         self.padding_side = getattr(tokenizer, "padding_side", "right")
         self.mlm_probability = mlm_probability
         self.strategy, self.split, self.pad_to_multiple_of = strategy, split, pad_to_multiple_of
@@ -253,7 +259,7 @@ class CausalLMCollator:
     """
 
     def __init__(self, tokenizer=None, *, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id if tokenizer is None else tokenizer.pad_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None or tokenizer is None else tokenizer.pad_token_id
         self.padding_side = getattr(tokenizer, "padding_side", "right")
         self.pad_to_multiple_of = pad_to_multiple_of
 
