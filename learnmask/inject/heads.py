@@ -226,6 +226,11 @@ def apply_head_gates(
     Returns:
         a :class:`HeadGateHandle`; with the gate fully open the model's outputs are unchanged.
 
+    Note:
+        A new gate value is drawn (or, in eval mode, the deterministic mask taken) at each
+        forward of ``model`` itself. Calling a submodule directly (``model.bert(...)``) reuses
+        the last value: call the model you gated.
+
     Raises:
         ValueError: no attention blocks found, blocks with different head counts, a gate whose
             shape is not ``(L, H)``, or a model that already carries head gates.

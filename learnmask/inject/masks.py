@@ -310,6 +310,8 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
     Returns:
         A :class:`MaskHandle`. Gates follow the model's mode (eval: deterministic masks); fully
         open gates leave the model's outputs unchanged; ``remove()`` undoes everything.
+        Gate values are drawn at each forward of ``model`` itself; calling a submodule
+        directly (``model.bert(...)``) reuses the last values: call the model you gated.
 
     Raises:
         ValueError: unknown config key or gate kind, unknown architecture (the message says what
