@@ -21,12 +21,8 @@ def plot_trajectories(records: list[dict], path: pathlib.Path, *, title: str) ->
             chosen.setdefault((record["config"]["target_sparsity"], record["row"]), record["metrics"]["trajectory"])
     if not chosen:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     targets = sorted({target for target, _ in chosen})
     figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), sharey=True, squeeze=False)
@@ -45,8 +41,27 @@ def plot_trajectories(records: list[dict], path: pathlib.Path, *, title: str) ->
     axes[0][-1].legend(fontsize=7, loc="lower right")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
+    save_png(figure, path)
+    return True
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_png(figure, path: pathlib.Path) -> None:
+    """Write ``figure`` as a 120-dpi PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
-    return True

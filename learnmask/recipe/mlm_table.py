@@ -9,12 +9,12 @@ final and mean ``mlm_probability`` over training.
 from __future__ import annotations
 
 import dataclasses
-import io
 import pathlib
 import textwrap
 
-from learnmask.io import atomic_write_bytes, atomic_write_text
+from learnmask.io import atomic_write_text
 from learnmask.recipe.config import GridConfig
+from learnmask.recipe.figures import pyplot, save_png
 from learnmask.recipe.table import _tex_escape, mean_ci
 
 
@@ -134,12 +134,8 @@ def plot_rates(records: list[dict], path: pathlib.Path, *, title: str) -> bool:
             chosen.setdefault(record["row"], record["metrics"]["mlm_probability_trajectory"])
     if not chosen:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, ax = plt.subplots(figsize=(6.4, 4.4))
     for row, trajectory in chosen.items():
@@ -150,8 +146,5 @@ def plot_rates(records: list[dict], path: pathlib.Path, *, title: str) -> bool:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     figure.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
     return True
