@@ -17,7 +17,11 @@ from learnmask.inject.hidden import HiddenStream
 
 
 class _Slicer:
-    """Slices parameters along their d-wide dimension once each, so tied weights stay tied."""
+    """Slices parameters along their d-wide dimension once each, so tied weights stay tied.
+
+    ``done`` maps ``id(original)`` to ``(original, sliced)``: holding the original keeps its id
+    from being reused by a tensor made later (a map sliced on both sides is sliced twice).
+    """
 
     def __init__(self, index: Tensor) -> None:
         self.index, self.done = index, {}
@@ -26,8 +30,8 @@ class _Slicer:
         key = id(tensor)
         if key not in self.done:
             kept = tensor.detach().index_select(dim, self.index.to(tensor.device)).clone()
-            self.done[key] = nn.Parameter(kept, requires_grad=tensor.requires_grad)
-        return self.done[key]
+            self.done[key] = (tensor, nn.Parameter(kept, requires_grad=tensor.requires_grad))
+        return self.done[key][1]
 
 
 def _linear_inputs(module: nn.Module, slicer: _Slicer) -> None:
