@@ -186,10 +186,9 @@ def test_double_apply_and_unknown_head_for_hidden():
     with pytest.raises(ValueError, match="already has learnmask gates; call remove"):
         apply_masks(model)
     import transformers as T
-    mlm = T.BertForMaskedLM(T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=64))
-    with pytest.raises(ValueError, match="hidden-dimension gating does not know the task head of BertForMaskedLM"):
-        apply_masks(mlm, hidden=True)
+    double = T.GPT2DoubleHeadsModel(T.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="hidden-dimension gating does not know the task head of GPT2DoubleHeadsModel"):
+        apply_masks(double, hidden=True)
 
 
 def test_config_from_dict_and_layers_found():

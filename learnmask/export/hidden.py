@@ -3,7 +3,9 @@
 The gated model normalises over the kept dimensions only and multiplies every norm output by
 the hidden gate z (``NormOverKept``). Baking z into each norm's weight and bias and slicing
 every d-wide tensor to the kept dimensions gives the same numbers (CoFi, Xia et al. 2022).
-Weights shared between modules (GPT-2's and Llama's tied input/output embeddings) stay shared.
+Weights shared between modules (tied input/output embeddings: GPT-2's, Llama's, a masked-LM
+decoder's) stay shared. A task head's map that writes d (a masked-LM head's ``dense``) loses
+its closed output rows too, and its norm is baked like the stream's.
 
 Legend: ``d`` hidden size, ``k`` dimensions kept; ``index`` ``(k,)`` positions kept.
 """
@@ -83,6 +85,11 @@ def _embedding(owner: nn.Module, attr: str, slicer: _Slicer) -> None:
 def prune_hidden(model: nn.Module, layers: list[LayerSpec], stream: HiddenStream, z: Tensor) -> None:
     """Bake the hidden gate ``z`` ``(d,)`` into the norms and remove the dims where z = 0.
 
+    Every norm in ``stream.norms`` (the stream's and a head's) gets z baked into its weight and
+    bias; maps reading d lose input columns, maps writing d (attention and FFN outputs, a head's
+    ``stream.writers``) lose output rows; a map doing both is sliced both ways (CoFi, Xia et
+    al. 2022).
+
     Raises:
         ValueError: every hidden dimension closed (a model needs at least one).
     """
@@ -108,7 +115,7 @@ def prune_hidden(model: nn.Module, layers: list[LayerSpec], stream: HiddenStream
         if id(module) not in seen:
             seen.add(id(module))
             _linear_inputs(module, slicer)
-    for module in writers:
+    for module in writers + stream.writers:  # after the inputs: a head's dense is in both
         _linear_outputs(module, slicer)
     _update_sizes(model, len(index))
 
