@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from learnmask.inject.architectures import find_layers
+from learnmask.inject.architectures import find_layers, is_mha
 from learnmask.inject.costs import expected_layer_parameters, layer_costs, layer_flops
 from learnmask.inject.heads import AttentionBlock
 from learnmask.inject.masks import MaskHandle
@@ -72,7 +72,9 @@ class LayerReport:
         parameters: parameters of the layer once closed units are removed (exact for a plain
             model; from the unit costs for a gated one).
         flops_attention, flops_ffn: analytic forward FLOPs for one sequence of ``seq_len``
-            tokens (see :func:`learnmask.inject.costs.layer_flops`).
+            tokens (see :func:`learnmask.inject.costs.layer_flops`); an ``nn.MultiheadAttention``
+            with heads removed also counts the ``2 S (H' D)²`` of its query identity map
+            (:mod:`learnmask.export.mha`), in a gated model too when finalize would make one.
     """
 
     name: str
@@ -104,6 +106,15 @@ def _layer_counts(layer, costs, masks: dict, row: int) -> tuple[dict, dict]:
     return probs, kept
 
 
+def _query_identity_flops(layer, heads: float, seq_len: int) -> float:
+    """FLOPs of the identity query map of a pruned ``nn.MultiheadAttention`` (0 elsewhere)."""
+    att = layer.attention
+    block = att.module if att is not None and att.owner is not None else layer.module  # bare: the model
+    if att is None or heads == 0 or not is_mha(block) or (att.fused and heads == att.num_heads):
+        return 0.0  # no such block now, nor after finalize (an untouched stock block stays as it is)
+    return 2.0 * seq_len * (heads * att.head_dim) ** 2
+
+
 def layer_report(target, *, seq_len: int) -> list[LayerReport]:
     """Per-layer parameters and FLOPs of a gated model (a ``MaskHandle``: its eval masks) or of a
     plain model (an ``nn.Module``, e.g. dense or finalized), for sequences of ``seq_len`` tokens.
@@ -124,6 +135,7 @@ def layer_report(target, *, seq_len: int) -> list[LayerReport]:
         costs = layer_costs(layer)
         probs, kept = _layer_counts(layer, costs, masks, row)
         flops = layer_flops(costs, seq_len, kept)
+        flops["attention"] += _query_identity_flops(layer, kept["heads"], seq_len)
         if masks:
             params = round(float(expected_layer_parameters(costs, kept["hidden"], probs)))
         else:

@@ -16,8 +16,8 @@ from test_inject_masks import granularities
 
 TOLERANCE = 1e-5  # fp32, max abs diff
 # finalize removes exactly what remaining_parameters() counts, except where it keeps zeros:
-# grouped-query padding (llama) and nn.MultiheadAttention heads
-EXACT_COUNT = ["bert", "roberta", "distilbert", "gpt2", "vit"]
+# grouped-query padding (llama)
+EXACT_COUNT = ["bert", "roberta", "distilbert", "gpt2", "vit", "encoder_layer", "multihead_attention"]
 
 
 def gated(name: str, seed: int = 0, closed: bool = True):
@@ -54,10 +54,8 @@ def test_finalize_equals_gated_eval(name, closed):
     count = sum(p.numel() for p in plain.parameters())
     if name in EXACT_COUNT:
         assert count == handle.remaining_parameters() < dense
-    elif name == "llama":
-        assert handle.remaining_parameters() <= count < dense
-    else:  # MultiheadAttention keeps closed heads as zeros; only closed blocks go
-        assert count <= dense and handle.remaining_parameters() < dense
+    else:
+        assert name == "llama" and handle.remaining_parameters() <= count < dense
 
 
 @pytest.mark.parametrize("name", zoo.ARCHS)

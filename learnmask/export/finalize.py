@@ -7,8 +7,10 @@ Decisions (documented in :func:`finalize`):
 * Grouped-query attention (Llama): a key/value head stays while any of its query heads does;
   kept groups are padded with closed (zeroed) query heads to the largest group so the stock
   ``repeat_kv`` still pairs queries and keys (exact; padding costs a little compute).
-* ``nn.MultiheadAttention`` ties its head count to the embedding width: its closed heads are
-  baked to zero but not removed; whole closed blocks are removed.
+* ``nn.MultiheadAttention`` ties its head count to the embedding width, so a block that keeps
+  some of its heads is rebuilt as a ``torch.fx`` module with the stock signature
+  (:func:`learnmask.export.mha.prune_heads`); a bare one given as the model itself is returned
+  rebuilt.
 * A block with nothing left becomes a ``torch.fx`` stub adding only its bias (pickles with torch).
 
 Legend: ``H`` query heads, ``G`` key/value heads, ``D`` head size, ``I`` FFN units, ``d``
@@ -22,9 +24,9 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from learnmask.export import stubs
+from learnmask.export import mha, stubs
 from learnmask.inject import hooks
-from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers
+from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers, is_mha
 from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
@@ -56,11 +58,12 @@ def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> Non
         scale_outputs(att.out, z_block)
     keep = (z_heads > 0) & (z_block > 0)
     if not bool(keep.any()):
-        if att.owner is not None:  # (a bare nn.MultiheadAttention model keeps its zeros)
-            _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
+        _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
         return
-    if att.fused:
-        return  # nn.MultiheadAttention: closed heads stay as zeros (see module docstring)
+    if is_mha(att.module):  # stock or already pruned nn.MultiheadAttention: rebuilt with fewer heads
+        if not bool(keep.all()):
+            setattr(att.owner, att.attr, mha.prune_heads(att.module, torch.nonzero(keep).flatten()))
+        return
     queries, kv = _kept_heads(keep, att.num_heads, att.num_kv_heads)
     rows: dict[int, tuple[nn.Module, list[Tensor]]] = {}
     for proj, heads in ((att.q, queries), (att.k, kv), (att.v, kv)):
@@ -77,10 +80,10 @@ def _replace_attention(att: AttentionSpec, bias: Tensor | None) -> None:
         stub = stubs.post_norm_block(att.first_arg, att.post_norm, bias, class_name="RemovedAttention")
     else:
         extra = {}
-        if att.fused:  # what nn.TransformerEncoder(Layer) reads from its self_attn
-            mha = att.module
-            extra = {"batch_first": mha.batch_first, "num_heads": mha.num_heads, "in_proj_bias": None,
-                     "_qkv_same_embed_dim": True}
+        if att.functional_out:  # what nn.TransformerEncoder(Layer) reads from its self_attn
+            block = att.module
+            extra = {"batch_first": block.batch_first, "num_heads": block.num_heads, "in_proj_bias": None,
+                     "_qkv_same_embed_dim": True, "embed_dim": att.out.weight.shape[0]}
         stub = stubs.zero_block(att.first_arg, bias, returns_tuple=True, class_name="RemovedAttention",
                                 attributes=extra)
     setattr(att.owner, att.attr, stub)
@@ -152,7 +155,9 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         inplace: prune the gated model itself (its gates are removed first) instead of a copy.
 
     Returns:
-        The pruned model (same classes, fewer heads/units/dims; stubs where nothing is left).
+        The pruned model (same classes, fewer heads/units/dims; stubs where nothing is left;
+        an ``nn.MultiheadAttention`` that lost some heads becomes a ``PrunedMultiheadAttention``
+        fx module with the stock call signature, see :mod:`learnmask.export.mha`).
         Its eval outputs equal the gated model's in eval mode (fp32: max abs diff <= 1e-5); it
         holds no learnmask object, so ``torch.save(model)`` loads where learnmask is absent.
 
@@ -186,5 +191,11 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         raise ValueError(f"the model's layers changed since gating: {found} != {names}")
     if "hidden" in masks:
         prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())
+    holder = None
+    for layer in layers:  # the model is itself the attention block: let it be replaced too
+        if layer.attention is not None and layer.attention.owner is None:
+            holder = nn.Module()
+            holder.model = model
+            layer.attention.owner, layer.attention.attr = holder, "model"
     prune_layers(layers, masks)
-    return model
+    return model if holder is None else holder.model

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
 
 def _graph(first_arg: str) -> tuple[fx.Graph, fx.Node]:
     graph = fx.Graph()
@@ -49,9 +51,17 @@ def zero_block(first_arg: str, bias: Tensor | None, *, returns_tuple: bool, clas
     if bias is not None:
         out = graph.call_function(torch.add, (out, graph.get_attr("bias")))
     graph.output((out, None) if returns_tuple else out)
-    module = fx.GraphModule(_root(bias), graph, class_name=class_name)
-    for name, value in (attributes or {}).items():
+    return with_attributes(fx.GraphModule(_root(bias), graph, class_name=class_name), attributes or {})
+
+
+def with_attributes(module: fx.GraphModule, attributes: dict) -> fx.GraphModule:
+    """``module`` with plain ``attributes`` set so that they survive ``copy.deepcopy`` (fx keeps
+    only what its graph reads, plus its user-preserved attributes) and pickling (fx restores
+    extra attributes), and with its class name kept through pickling too."""
+    attributes = {**attributes, "_graphmodule_cls_name": type(module).__name__}
+    for name, value in attributes.items():
         setattr(module, name, value)
+    module.meta[_PRESERVED] = attributes
     return module
 
 
@@ -60,4 +70,4 @@ def post_norm_block(first_arg: str, norm: nn.Module, bias: Tensor | None, *, cla
     graph, x = _graph(first_arg)
     total = x if bias is None else graph.call_function(torch.add, (x, graph.get_attr("bias")))
     graph.output((graph.call_module("norm", (total,)), None))
-    return fx.GraphModule(_root(bias, norm=norm), graph, class_name=class_name)
+    return with_attributes(fx.GraphModule(_root(bias, norm=norm), graph, class_name=class_name), {})

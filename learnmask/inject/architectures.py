@@ -4,7 +4,9 @@ One small adapter per architecture turns a transformer layer into a :class:`Laye
 here changes a model. Supported (found by structure, class names given for orientation):
 Hugging Face BERT/RoBERTa (``BertLayer``), DistilBERT (``TransformerBlock``), GPT-2
 (``GPT2Block``), ViT (``ViTLayer``), Llama with grouped key/value heads (``LlamaDecoderLayer``),
-``torch.nn.TransformerEncoderLayer`` and a bare ``torch.nn.MultiheadAttention`` (heads only).
+``torch.nn.TransformerEncoderLayer`` and a bare ``torch.nn.MultiheadAttention`` (heads only);
+also the forms ``finalize`` leaves behind (emptied blocks as stubs, an ``nn.MultiheadAttention``
+with heads removed as a ``PrunedMultiheadAttention`` fx module), so a pruned model is gated again.
 
 Legend: ``H`` query heads, ``G`` key/value heads (groups; G = H without GQA), ``D`` head size,
 ``I`` FFN intermediate units, ``d`` hidden size.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from learnmask.inject.layout import in_features, out_features
 
@@ -41,8 +43,10 @@ class AttentionSpec:
         num_heads, num_kv_heads, head_dim: H, G, D.
         post_norm: the LayerNorm inside the attention module applied to ``input + output``
             (BERT's ``attention.output.LayerNorm``), else None (residual added outside).
-        fused: ``nn.MultiheadAttention``: q/k/v live in ``in_proj_weight`` and the head count is
-            tied to the embedding width, so heads are gated but cannot be physically removed.
+        fused: a stock ``nn.MultiheadAttention``: q/k/v live in its ``in_proj_weight`` (or
+            ``q/k/v_proj_weight``); ``finalize`` rebuilds it to remove heads.
+        functional_out: the module reads ``out.weight`` itself instead of calling ``out``
+            (``nn.MultiheadAttention`` and its pruned form), so gates act by a parametrization.
         set_heads: ``(module, H, G)`` updates the module's own head-count attributes.
         first_arg: name of the module's first forward argument (for a stub's signature).
     """
@@ -58,6 +62,7 @@ class AttentionSpec:
     head_dim: int
     post_norm: nn.Module | None = None
     fused: bool = False
+    functional_out: bool = False
     set_heads: Callable[[nn.Module, int, int], None] | None = None
     first_arg: str = "hidden_states"
 
@@ -108,12 +113,35 @@ class LayerSpec:
             return out_features(self.attention.out)
         if self.ffn is not None:
             return out_features(self.ffn.down)
-        return self.norms[0].weight.shape[0]  # both blocks are finalize stubs
+        if self.norms:
+            return self.norms[0].weight.shape[0]  # both blocks are finalize stubs
+        return self.module.embed_dim  # a bare nn.MultiheadAttention that finalize emptied
+
+
+def is_pruned_attention(module: nn.Module | None) -> bool:
+    """An ``nn.MultiheadAttention`` whose heads ``finalize`` removed (see ``learnmask.export.mha``);
+    recognised by its parts, so a model saved by an older learnmask is recognised too."""
+    return isinstance(module, fx.GraphModule) and all(
+        isinstance(getattr(getattr(module, name, None), "weight", None), Tensor)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ) and isinstance(getattr(module, "q_identity", None), Tensor) and isinstance(getattr(module, "num_heads", None), int)
+
+
+def is_mha(module: nn.Module | None) -> bool:
+    """A stock ``nn.MultiheadAttention`` or its pruned form."""
+    return isinstance(module, nn.MultiheadAttention) or is_pruned_attention(module)
+
+
+def _is_removed_mha(module: nn.Module) -> bool:
+    """The stub of an ``nn.MultiheadAttention`` with no head left (it keeps the attributes that
+    ``nn.TransformerEncoder`` reads, ``_qkv_same_embed_dim`` among them)."""
+    return is_stub(module) and hasattr(module, "_qkv_same_embed_dim")
 
 
 def is_stub(module: nn.Module | None) -> bool:
-    """A block finalize replaced because nothing was left in it (a ``torch.fx.GraphModule``)."""
-    return isinstance(module, fx.GraphModule)
+    """A block finalize replaced because nothing was left in it (a ``torch.fx.GraphModule`` that
+    is not a pruned attention block)."""
+    return isinstance(module, fx.GraphModule) and not is_pruned_attention(module)
 
 
 def _bert(layer: nn.Module, name: str) -> LayerSpec:
@@ -192,8 +220,11 @@ def _llama(layer: nn.Module, name: str) -> LayerSpec:
 def _mha_spec(owner: nn.Module | None, attr: str, mha: nn.Module) -> AttentionSpec | None:
     if is_stub(mha):
         return None
+    if is_pruned_attention(mha):
+        return AttentionSpec(owner, attr, Rows(mha.q_proj), Rows(mha.k_proj), Rows(mha.v_proj), mha.out_proj,
+                             mha.num_heads, mha.num_heads, mha.head_dim, functional_out=True, first_arg="query")
     return AttentionSpec(owner, attr, None, None, None, mha.out_proj, mha.num_heads, mha.num_heads,
-                         mha.head_dim, fused=True, first_arg="query")
+                         mha.head_dim, fused=True, functional_out=True, first_arg="query")
 
 
 def _encoder_layer(layer: nn.Module, name: str) -> LayerSpec:
@@ -249,7 +280,7 @@ def find_layers(model: nn.Module) -> list[LayerSpec]:
         if adapter is not None:
             layers.append(adapter(module, name))
             taken.update(id(m) for m in module.modules())
-        elif isinstance(module, nn.MultiheadAttention):
+        elif is_mha(module) or _is_removed_mha(module):
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name) if name else None  # None: the model itself
             layers.append(LayerSpec(name, "multihead_attention", module, _mha_spec(owner, attr, module), None, []))

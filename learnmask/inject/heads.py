@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from learnmask.gates import Gate, make_gate
+from learnmask.inject.architectures import is_mha
 
 # Names of the attention output projection inside an attention block, by architecture:
 # BERT/RoBERTa/ELECTRA (`output.dense`), Llama/Mistral/ViT in transformers 5 (`o_proj`),
@@ -77,7 +78,7 @@ def find_attention_blocks(
             if name not in modules:
                 raise ValueError(f"target module {name!r} not found in {type(model).__name__}")
             parent = modules.get(name.rpartition(".")[0])
-            if isinstance(parent, nn.MultiheadAttention):
+            if is_mha(parent):
                 raise ValueError(
                     f"{name!r} is the out_proj of an nn.MultiheadAttention, which uses its weight "
                     "directly (the module is never called), so a hook there would gate nothing; use "

@@ -121,7 +121,7 @@ class MaskHandle:
         self._hooks.append(self.model.register_forward_pre_hook(H.SampleGates(self, "")))
         for row, layer in enumerate(self.layers):
             att, ffn = layer.attention, layer.ffn
-            if att is not None and att.fused and on & {"heads", "attention_blocks"}:
+            if att is not None and att.functional_out and on & {"heads", "attention_blocks"}:
                 weight = H.OutProjParametrization(self, row, att.head_dim, "heads" in on, "attention_blocks" in on)
                 self._parametrize(att.out, "weight", weight)
                 if "attention_blocks" in on and att.out.bias is not None:
@@ -226,7 +226,7 @@ class MaskHandle:
 
     def remaining_parameters(self) -> int:
         """Parameters left once the eval masks' closed units are removed (what ``finalize`` keeps,
-        except nn.MultiheadAttention heads and grouped-query padding, which stay)."""
+        except grouped-query padding, which stays)."""
         return self.parameters_for(self.eval_masks())
 
     def parameters_for(self, masks: Mapping[str, Tensor]) -> int:
