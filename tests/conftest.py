@@ -1,9 +1,15 @@
 import os
+import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # before any test module imports triton (transformers' modeling files may): the triton
+    # backend's tests need its CPU interpreter, chosen once at triton's import (see
+    # test_triton_backend.py)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)

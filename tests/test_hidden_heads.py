@@ -191,12 +191,16 @@ def _masked_image():
     return T.ViTForMaskedImageModeling(T.ViTConfig(image_size=8, patch_size=4, encoder_stride=4, **COMMON, **DROP))
 
 
-class _CustomBertForMaskedLM(T.BertForMaskedLM):
-    """A subclass may change the forward, so it is not taken for its parent."""
+def _subclass():
+    # defined here, not at import: the modeling module imports triton, which must first be
+    # imported by test_triton_backend.py under TRITON_INTERPRET=1
+    class _CustomBertForMaskedLM(T.BertForMaskedLM):
+        """A subclass may change the forward, so it is not taken for its parent."""
+
+    return _CustomBertForMaskedLM(_config("bert"))
 
 
-@pytest.mark.parametrize("build", [_double_heads, _masked_image,
-                                   lambda: _CustomBertForMaskedLM(_config("bert"))],
+@pytest.mark.parametrize("build", [_double_heads, _masked_image, _subclass],
                          ids=["GPT2DoubleHeadsModel", "ViTForMaskedImageModeling", "subclass"])
 def test_unlisted_head_is_refused_naming_the_supported_models(build):
     model = build()
