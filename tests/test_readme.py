@@ -47,3 +47,56 @@ def test_readme_attention_example_runs_and_matches_the_reference():
     assert torch.allclose(namespace["out"], golden, atol=1e-5)
     assert torch.isfinite(gate.grad).all() and gate.grad.abs().sum() > 0
     assert torch.equal(namespace["out"][1, :, :, :].isfinite(), torch.ones_like(namespace["out"][1], dtype=torch.bool))
+
+
+def test_readme_custom_model_example_prunes_heads_and_units():
+    from einops import rearrange
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.proj = (nn.Linear(16, 16) for _ in range(4))
+            self.num_heads = 4
+
+        def forward(self, x):
+            q, k, v = (rearrange(f(x), "b s (h e) -> b h s e", h=self.num_heads) for f in (self.q, self.k, self.v))
+            return self.proj(rearrange(nn.functional.scaled_dot_product_attention(q, k, v), "b h s e -> b s (h e)"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+            self.mlp = nn.Sequential()
+            self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.mlp(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    namespace = {"model": model}
+    code = _block("ffn_up_modules=").replace("small = finalize(handle)", "")
+    exec(compile(code, "README.md", "exec"), namespace)
+    handle = namespace["handle"]
+    with torch.no_grad():
+        handle.gates["heads"].log_alpha.copy_(torch.tensor([[5.0, -5, 5, -5], [-5, 5, 5, 5]]))
+        handle.gates["ffn"].log_alpha.copy_(torch.linspace(-4, 4, 32).repeat(2, 1))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        gated = model(x)
+        small = namespace["finalize"](handle)
+        assert (small(x) - gated).abs().max().item() <= 1e-5
+    assert [b.attn.num_heads for b in small.blocks] == [2, 3] and small.blocks[0].attn.q.out_features == 8
+    assert small.blocks[0].mlp.fc1.out_features == 25  # log_alpha <= -2.398 closes a unit: 7 of 32

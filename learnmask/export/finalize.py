@@ -12,6 +12,10 @@ Decisions (documented in :func:`finalize`):
   (:func:`learnmask.export.mha.prune_heads`); a bare one given as the model itself is returned
   rebuilt.
 * A block with nothing left becomes a ``torch.fx`` stub adding only its bias (pickles with torch).
+* A model gated through ``target_modules``/``ffn_modules`` is pruned through the projections
+  named in ``qkv_modules``/``ffn_up_modules`` (and ``head_count_attribute``); learnmask does not
+  know its attention module, so an attention with every head closed keeps one zeroed head, and
+  an FFN with every unit closed keeps zero-width linear maps.
 
 Legend: ``H`` query heads, ``G`` key/value heads, ``D`` head size, ``I`` FFN units, ``d``
 hidden size.
@@ -31,7 +35,7 @@ from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
 from learnmask.inject.heads import HeadGateHandle
-from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
+from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle, custom_layers
 from learnmask.export.hidden import prune_hidden
 
 
@@ -58,8 +62,10 @@ def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> Non
         scale_outputs(att.out, z_block)
     keep = (z_heads > 0) & (z_block > 0)
     if not bool(keep.any()):
-        _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
-        return
+        if att.owner is not None:
+            _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
+            return
+        keep = torch.arange(att.num_heads) == 0  # target_modules: one zeroed head stays (see finalize)
     if is_mha(att.module):  # stock or already pruned nn.MultiheadAttention: rebuilt with fewer heads
         if not bool(keep.all()):
             setattr(att.owner, att.attr, mha.prune_heads(att.module, torch.nonzero(keep).flatten()))
@@ -72,7 +78,8 @@ def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> Non
     for module, indices in rows.values():  # GPT-2's fused c_attn: q, k, v rows in one slice
         keep_outputs(module, torch.cat(indices))
     keep_inputs(att.out, head_index(queries.to(torch.long), d_in))
-    att.set_heads(att.module, len(queries), len(kv))
+    if att.set_heads is not None:  # (a target_modules block may read its head count from shapes)
+        att.set_heads(att.module, len(queries), len(kv))
 
 
 def _replace_attention(att: AttentionSpec, bias: Tensor | None) -> None:
@@ -141,9 +148,20 @@ def _masks_and_names(handle) -> tuple[dict[str, Tensor], list[str] | None]:
         gate = handle.gate
         return {"heads": gate.deterministic_mask(gate.eval_k).detach()}, None
     if any(layer.arch == "custom" for layer in handle.layers):
-        raise ValueError("finalize needs a supported architecture; a model gated through target_modules/"
-                         "ffn_modules can only be evaluated with its gates (or baked by hand)")
+        config, gated = handle.config, set(handle.gates)
+        missing = [f"{field} (for {base})" for field, base, needs in (
+            ("qkv_modules", "target_modules", {"heads", "attention_blocks"}),
+            ("ffn_up_modules", "ffn_modules", {"ffn", "ffn_blocks"})) if gated & needs and getattr(config, field) is None]
+        if missing:
+            raise ValueError(f"finalize needs to know where the removed units are read: apply_masks with "
+                             f"{' and '.join(missing)}; without it the model can only be evaluated with its gates")
     return handle.eval_masks(), [layer.name for layer in handle.layers]
+
+
+def _layers_of(model: nn.Module, handle) -> list[LayerSpec]:
+    if isinstance(handle, MaskHandle) and any(layer.arch == "custom" for layer in handle.layers):
+        return custom_layers(model, handle.config)
+    return find_layers(model)
 
 
 def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -163,8 +181,9 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
 
     Raises:
         ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
-            (learnmask does not know where its q/k/v and up projections are), or head gates on
-            blocks that are not the layers of a supported architecture.
+            without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
+            and up projections are), or head gates on blocks that are not the layers of a
+            supported architecture.
     """
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
     masks, names = _masks_and_names(handle)
@@ -180,7 +199,7 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         for attribute in (GATES_ATTRIBUTE, "learnmask_head_gate"):
             if hasattr(model, attribute):
                 delattr(model, attribute)
-    layers = find_layers(model)
+    layers = _layers_of(model, handle)
     found = [layer.name for layer in layers]
     if names is None:  # head gates: one block per layer, in the same order
         blocks = [block.name for block in handle.blocks]
@@ -193,7 +212,7 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())
     holder = None
     for layer in layers:  # the model is itself the attention block: let it be replaced too
-        if layer.attention is not None and layer.attention.owner is None:
+        if layer.attention is not None and layer.attention.owner is None and layer.module is model and is_mha(model):
             holder = nn.Module()
             holder.model = model
             layer.attention.owner, layer.attention.attr = holder, "model"

@@ -25,6 +25,16 @@ class MaskConfig:
         num_heads: heads per block, with ``target_modules``.
         ffn_modules: for such models: qualified names of FFN down projections (units = their
             input features).
+        qkv_modules: with ``target_modules``, what ``finalize`` needs to remove heads: per
+            layer, the names of the query, key and value projections (three names), or one name
+            of a fused projection whose output rows are ``[q; k; v]`` (H D rows each).
+        ffn_up_modules: with ``ffn_modules``, what ``finalize`` needs to remove FFN units: per
+            layer, the names of the maps whose outputs are the units (one, or two for a gated
+            MLP), or one name as a string.
+        head_count_attribute: with ``qkv_modules``: the int attribute of the attention
+            modules (each the parent of its output projection) holding the head count, which
+            ``finalize`` sets to the heads kept where a module has it; None when every module
+            reads the count from shapes.
 
     Raises:
         ValueError: no granularity on, a non-bool flag, ``target_modules`` without
@@ -41,6 +51,9 @@ class MaskConfig:
     target_modules: tuple[str, ...] | None = None
     num_heads: int | None = None
     ffn_modules: tuple[str, ...] | None = None
+    qkv_modules: tuple[tuple[str, ...], ...] | None = None
+    ffn_up_modules: tuple[tuple[str, ...], ...] | None = None
+    head_count_attribute: str | None = None
 
     def __post_init__(self) -> None:
         for name in GRANULARITIES:
@@ -58,6 +71,19 @@ class MaskConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.target_modules and self.num_heads is None:
             raise ValueError("target_modules given without num_heads; pass num_heads=<heads per block>")
+        for name, base, sizes in (("qkv_modules", "target_modules", (1, 3)), ("ffn_up_modules", "ffn_modules", (1, 2))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            per_layer = _names_per_layer(name, value, sizes)
+            if getattr(self, base) is None or len(per_layer) != len(getattr(self, base)):
+                raise ValueError(f"{name} has {len(per_layer)} entries; expected one per name in {base} "
+                                 f"({len(getattr(self, base) or ())})")
+            object.__setattr__(self, name, per_layer)
+        if self.head_count_attribute is not None and (not isinstance(self.head_count_attribute, str)
+                                                      or self.qkv_modules is None):
+            raise ValueError(f"head_count_attribute must be an attribute name given with qkv_modules; "
+                             f"got {self.head_count_attribute!r}")
         object.__setattr__(self, "gate_options", dict(self.gate_options))
 
     @classmethod
@@ -72,3 +98,18 @@ class MaskConfig:
     def granularities(self) -> tuple[str, ...]:
         """The granularities turned on, in :data:`GRANULARITIES` order."""
         return tuple(name for name in GRANULARITIES if getattr(self, name))
+
+
+def _names_per_layer(field: str, value: Any, sizes: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+    """``[["a", "b"], "c"]`` -> ``(("a", "b"), ("c",))``, each entry of one of ``sizes`` names."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field} must be a list with one entry per layer; got {value!r}")
+    out = []
+    for entry in value:
+        names = (entry,) if isinstance(entry, str) else entry
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) \
+                or len(names) not in sizes:
+            raise ValueError(f"each entry of {field} must be {' or '.join(map(str, sizes))} module name(s); "
+                             f"got {entry!r}")
+        out.append(tuple(names))
+    return tuple(out)

@@ -36,9 +36,12 @@ def magnitude_scores(handle: MaskHandle, name: str) -> Tensor:
     Returns:
         Scores of the gate's shape, ``(L, H)`` or ``(L, I)``, >= 0.
 
+    A head's mass covers its q/k/v rows and output columns; for a stock
+    ``nn.MultiheadAttention`` and a ``target_modules`` block without ``qkv_modules``, whose q/k/v
+    rows learnmask does not read, only the output columns.
+
     Raises:
-        ValueError: another granularity, or heads of an ``nn.MultiheadAttention`` / custom target
-            (whose q/k/v rows learnmask does not know: only output columns are used there).
+        ValueError: another granularity.
     """
     scores = []
     for layer in handle.layers:

@@ -16,41 +16,92 @@ from torch import Tensor, nn
 
 from learnmask.gates import Gate, make_gate
 from learnmask.inject import hooks as H
-from learnmask.inject.architectures import SUPPORTED, AttentionSpec, FFNSpec, LayerSpec, find_layers
+from learnmask.inject.architectures import SUPPORTED, AttentionSpec, FFNSpec, LayerSpec, Rows, find_layers
 from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream, find_hidden_stream
-from learnmask.inject.layout import in_features
+from learnmask.inject.layout import in_features, out_features
 
 GATES_ATTRIBUTE = "learnmask_gates"
 
 
-def _custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
+_HEAD_COUNT_NAMES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "heads")
+
+
+def _custom_attention(modules: dict[str, nn.Module], config: MaskConfig, row: int) -> AttentionSpec:
+    """The attention spec of layer ``row`` of a model gated through ``target_modules``."""
+    name, heads = config.target_modules[row], config.num_heads
+    out = modules[name]
+    width = in_features(out)
+    if width % heads:
+        raise ValueError(f"{name!r} has {width} input features, not divisible by num_heads={heads}")
+    if config.qkv_modules is None:
+        return AttentionSpec(None, "", None, None, None, out, heads, heads, width // heads)
+    names = config.qkv_modules[row]
+    projections = [modules[n] for n in names]
+    if len(names) == 1:  # fused [q; k; v]
+        rows = [Rows(projections[0], i * width) for i in range(3)]
+        widths, expected = [out_features(projections[0])], [3 * width]
+    else:
+        rows = [Rows(module) for module in projections]
+        widths, expected = [out_features(m) for m in projections], [width] * 3
+    if widths != expected:
+        raise ValueError(f"qkv_modules {list(names)} have {widths} output features; expected {expected} "
+                         f"(the {width} inputs of {name!r}; grouped key/value heads are not supported here)")
+    owner = modules[name.rpartition(".")[0]]
+    attribute = config.head_count_attribute
+    if attribute is None:
+        stale = [a for a in _HEAD_COUNT_NAMES if getattr(owner, a, None) == heads]
+        if stale:
+            raise ValueError(f"{type(owner).__name__} {name.rpartition('.')[0]!r} has {stale[0]} = {heads}, which "
+                             f"finalize would leave stale; pass head_count_attribute={stale[0]!r}")
+        set_heads = None
+    elif isinstance(getattr(owner, attribute, None), int):
+        def set_heads(module, h, g):
+            setattr(owner, attribute, h)
+    else:  # this layer reads its head count from shapes
+        set_heads = None
+    return AttentionSpec(None, "", *rows, out, heads, heads, width // heads, set_heads=set_heads)
+
+
+def _custom_ffn(modules: dict[str, nn.Module], config: MaskConfig, row: int) -> FFNSpec:
+    down = modules[config.ffn_modules[row]]
+    ups = [modules[n] for n in config.ffn_up_modules[row]] if config.ffn_up_modules else []
+    for name, up in zip(config.ffn_up_modules[row] if ups else (), ups):
+        if out_features(up) != in_features(down):
+            raise ValueError(f"ffn_up_modules {name!r} has {out_features(up)} output features; expected the "
+                             f"{in_features(down)} inputs of {config.ffn_modules[row]!r}")
+    return FFNSpec(None, None, ups, down)
+
+
+def custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
+    """The layers of a model gated through ``target_modules``/``ffn_modules`` (any model).
+
+    Raises:
+        ValueError: a name not in the model, lists of different lengths, or widths that do not
+            fit (heads, q/k/v, FFN up projections; the message names the module).
+    """
     modules = dict(model.named_modules())
-    for name in (config.target_modules or ()) + (config.ffn_modules or ()):
+    names = (config.target_modules or ()) + (config.ffn_modules or ())
+    for group in (config.qkv_modules or ()) + (config.ffn_up_modules or ()):
+        names += group
+    for name in names:
         if name not in modules:
             raise ValueError(f"target module {name!r} not found in {type(model).__name__}")
     outs, downs = list(config.target_modules or ()), list(config.ffn_modules or ())
     if outs and downs and len(outs) != len(downs):
         raise ValueError(f"target_modules has {len(outs)} names and ffn_modules {len(downs)}; give one of each per layer")
     layers = []
-    for index in range(max(len(outs), len(downs))):
-        attention = ffn = None
-        if outs:
-            out, heads = modules[outs[index]], config.num_heads
-            width = in_features(out)
-            if width % heads:
-                raise ValueError(f"{outs[index]!r} has {width} input features, not divisible by num_heads={heads}")
-            attention = AttentionSpec(None, "", None, None, None, out, heads, heads, width // heads)
-        if downs:
-            ffn = FFNSpec(None, None, [], modules[downs[index]])
-        layers.append(LayerSpec(outs[index] if outs else downs[index], "custom", model, attention, ffn, []))
+    for row in range(max(len(outs), len(downs))):
+        attention = _custom_attention(modules, config, row) if outs else None
+        ffn = _custom_ffn(modules, config, row) if downs else None
+        layers.append(LayerSpec(outs[row] if outs else downs[row], "custom", model, attention, ffn, []))
     return layers
 
 
 def _layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
     if config.target_modules or config.ffn_modules:
-        return _custom_layers(model, config)
+        return custom_layers(model, config)
     layers = find_layers(model)
     if not layers:
         raise ValueError(
