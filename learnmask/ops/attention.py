@@ -204,19 +204,23 @@ def _format(refused: dict[str, list[str]]) -> str:
 
 # -- backend="auto": a rough cost model ------------------------------------------------------------
 #
-# Seconds of one call on one CPU thread, fitted by hand to B=2, Hq=8, D=64 fp32 timings at S=512 and
-# 2048 (experiments/bench/attention.py; noisy within ~30%). Only the ranking matters. Compute rates grow
-# with the thread count (by _THREAD_GAIN per extra thread), per-call overheads do not.
+# Seconds of one call, fitted (non-negative least squares on relative error) to B=2, Hq=8, D=64
+# fp32 timings over S in {256, 512, 1024, 2048} and four masks on 2 threads by
+# experiments/bench/calibrate_auto.py (paper/results/auto-calibration.json; its check lists auto's
+# pick in each case against the faster backend). Only the ranking matters. Compute rates grow with
+# the thread count (by _THREAD_GAIN per extra thread), per-call overheads do not.
 _R_DENSE = 5.5e10    # multiply-adds per second of SDPA's fused CPU kernel without a mask
-_R_MASKED = 4.0e10   # ... with a dense mask (it reads a mask value per pair)
-_R_BLOCKS = 4.5e10   # ... of the per-group fused calls of `blocks`
+_R_MASKED = 4.45e10  # ... with a dense mask (it reads a mask value per pair)
+_R_BLOCKS = 5.1e10   # ... of the per-group fused calls of `blocks`
 _R_EAGER = 1.5e10    # eager matmul/softmax: `blocks`' recomputing backward, SDPA's math kernel
 _R_FLEX = 1.0e10     # compiled FlexAttention on CPU (block-sparse tiles of 128)
 _R_REFERENCE = 1e9   # float64 eager reference
-_C_CALL = 7e-4       # seconds of overhead per `blocks` group call (slicing, partial-tile mask)
+_C_CALL = 3.0e-4     # seconds of overhead per `blocks` group call in the forward (slicing, partial-tile mask)
+_C_CALL_BWD = 7.5e-4  # ... and in its backward
 _C_FLEX_CALL = 1e-3  # seconds of overhead per compiled FlexAttention call
 _FLEX_COMPILE_S = 10.0  # a first compiled FlexAttention call at a new shape (tens of seconds on CPU)
-_BWD = 2.5           # backward / forward time of a fused attention kernel
+_BWD = 2.3           # backward / forward time of SDPA's fused kernel (and of the reference)
+_BWD_BLOCKS = 2.6    # ... of `blocks`' per-group calls
 _FLEX_WASTE = 1.3    # FlexAttention's 128-wide tiles compute more pairs than `blocks`' plan
 _THREAD_GAIN = 0.8
 
@@ -411,7 +415,7 @@ def _estimate(name: str, inputs: AttentionInputs, grads: bool, stats) -> float |
             return fwd
         if _gate_grad(inputs):  # recomputing backward, one eager pass per chunk of rows
             return fwd + 3 * pairs * work / _R_EAGER / gain + chunks * _C_CALL
-        return fwd + _BWD * compute + calls * _C_CALL
+        return fwd + _BWD_BLOCKS * compute + calls * _C_CALL_BWD
     if isinstance(backend, FlexBackend):
         if grads:
             return None  # refused on CPU already; no model for other cases
