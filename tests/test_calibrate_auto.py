@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from learnmask.ops import attention as auto
+from learnmask.ops import cost_model
 
 PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench" / "calibrate_auto.py"
 
@@ -19,7 +19,7 @@ def calibrate():
 
 
 def _rows(truth: dict) -> list[dict]:
-    work, gain, rows = 8 * 128, auto._threads_gain(), []
+    work, gain, rows = 8 * 128, cost_model.threads_gain(), []
     for seq, mask, pairs, calls in ((512, "window", 171264, 8), (512, "padding", 327680, 1), (1024, "documents", 673152, 8),
                                     (2048, "window", 758016, 32), (2048, "causal", 4767744, 13), (256, "documents", 52736, 4)):
         dense = 2 * seq * seq

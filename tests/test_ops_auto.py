@@ -9,6 +9,7 @@ import torch
 
 from learnmask.masks import attention as am
 from learnmask.ops import attention as ops
+from learnmask.ops import cost_model
 from learnmask.ops.attention import BackendNotSupported, choose_backend, masked_attention
 from learnmask.ops.reference import ReferenceBackend
 
@@ -46,17 +47,17 @@ def test_sparse_window_with_gradients_goes_to_blocks():
 
 
 def test_cold_flex_is_not_chosen_and_warm_flex_is_ranked_by_its_estimate(monkeypatch):
-    monkeypatch.setattr(ops, "_FLEX_WARM", set())
+    monkeypatch.setattr(cost_model, "_FLEX_WARM", set())
     q, k, v = qkv(s=512, grad=False)
     mask = am.sliding_window(64)
     choice = choose_backend(q, k, v, mask=mask)
     assert "flex" not in choice.refused or "compiler" in " ".join(choice.refused["flex"])
     if "flex" in choice.estimates:
-        assert choice.estimates["flex"] > ops._FLEX_COMPILE_S  # cold: the compile time is counted
+        assert choice.estimates["flex"] > cost_model._FLEX_COMPILE_S  # cold: the compile time is counted
         inputs = ops.prepare_inputs(q, k, v, mask=mask)
-        ops._FLEX_WARM.add(ops._flex_key(inputs))
+        cost_model._FLEX_WARM.add(cost_model.flex_key(inputs))
         warm = choose_backend(q, k, v, mask=mask)
-        assert warm.estimates["flex"] < ops._FLEX_COMPILE_S
+        assert warm.estimates["flex"] < cost_model._FLEX_COMPILE_S
     assert choice.name != "flex"
 
 

@@ -38,6 +38,7 @@ import attention as bench  # noqa: E402  (the benchmark's masks)
 from learnmask.io import atomic_write_text  # noqa: E402
 from learnmask.ops import choose_backend, masked_attention  # noqa: E402
 from learnmask.ops import attention as auto  # noqa: E402
+from learnmask.ops import cost_model  # noqa: E402
 from learnmask.ops.inputs import prepare_inputs  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def _fit(design: list[list[float]], target: list[float]) -> np.ndarray:
 
 def fit(rows: list[dict]) -> dict:
     """The cost-model constants that fit ``rows`` best (see the module docstring)."""
-    work, gain = H * 2 * D, auto._threads_gain()
+    work, gain = H * 2 * D, cost_model.threads_gain()
     compute = [r["pairs"] * work / gain for r in rows]
     a, c = _fit([[p, r["calls"]] for p, r in zip(compute, rows)], [r["blocks_f"] for r in rows])
     fwd = [p * a + r["calls"] * c for p, r in zip(compute, rows)]
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     seq_lens, repeats = ([256, 512], 3) if args.quick else ([256, 512, 1024, 2048], args.repeats)
     rows = measure(seq_lens, repeats)
     fitted, checks = fit(rows), check(rows)
-    print("\nfitted constants (learnmask.ops.attention._R_BLOCKS, ...):")
+    print("\nfitted constants (learnmask.ops.cost_model._R_BLOCKS, ...):")
     for name, value in fitted.items():
         print(f"  {name:12s} {value:.4g}")
     print(f"\n{'S':>5} {'mask':10} {'mode':17} {'auto':7} {'vs best':>8} {'vs dense SDPA':>14}")

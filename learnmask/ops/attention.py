@@ -24,10 +24,9 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from learnmask.ops import blocks as _blocks
+from learnmask.ops import cost_model as _cost
 from learnmask.ops.base import AttentionBackend, AttentionInputs
 from learnmask.ops.blocks import BlocksBackend
 from learnmask.ops.common import grad_needed
@@ -179,7 +178,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
         except BackendUnavailable as error:
             refused[name] = [str(error)]
             continue
-        _note_run(get_backend(name), inputs)
+        _cost.note_run(get_backend(name), inputs)
         logger.debug("masked_attention: backend %s (%s; refused: %s)", name, choice.reason, refused)
         return out
     raise BackendNotSupported("no masked-attention backend can run these inputs:\n" + _format(refused))
@@ -191,7 +190,7 @@ def _run_named(backend: AttentionBackend, name: str, inputs: AttentionInputs) ->
         raise BackendNotSupported(f"backend {name!r} cannot run these inputs:\n" + _format({name: reasons}))
     try:
         out = backend(inputs)
-        _note_run(backend, inputs)
+        _cost.note_run(backend, inputs)
         return out
     except BackendUnavailable as error:
         raise BackendNotSupported(f"backend {name!r} cannot run these inputs:\n" + _format({name: [str(error)]})) \
@@ -200,33 +199,6 @@ def _run_named(backend: AttentionBackend, name: str, inputs: AttentionInputs) ->
 
 def _format(refused: dict[str, list[str]]) -> str:
     return "\n".join(f"  {name}: {reason}" for name, reasons in refused.items() for reason in reasons)
-
-
-# -- backend="auto": a rough cost model ------------------------------------------------------------
-#
-# Seconds of one call, fitted (non-negative least squares on relative error) to B=2, Hq=8, D=64
-# fp32 timings over S in {256, 512, 1024, 2048} and four masks on 2 threads by
-# experiments/bench/calibrate_auto.py (paper/results/auto-calibration.json; its check lists auto's
-# pick in each case against the faster backend). Only the ranking matters. Compute rates grow with
-# the thread count (by _THREAD_GAIN per extra thread), per-call overheads do not.
-_R_DENSE = 5.5e10    # multiply-adds per second of SDPA's fused CPU kernel without a mask
-_R_MASKED = 4.45e10  # ... with a dense mask (it reads a mask value per pair)
-_R_BLOCKS = 5.1e10   # ... of the per-group fused calls of `blocks`
-_R_EAGER = 1.5e10    # eager matmul/softmax: `blocks`' recomputing backward, SDPA's math kernel
-_R_FLEX = 1.0e10     # compiled FlexAttention on CPU (block-sparse tiles of 128)
-_R_REFERENCE = 1e9   # float64 eager reference
-_C_CALL = 3.0e-4     # seconds of overhead per `blocks` group call in the forward (slicing, partial-tile mask)
-_C_CALL_BWD = 7.5e-4  # ... and in its backward
-_C_FLEX_CALL = 1e-3  # seconds of overhead per compiled FlexAttention call
-_FLEX_COMPILE_S = 10.0  # a first compiled FlexAttention call at a new shape (tens of seconds on CPU)
-_BWD = 2.3           # backward / forward time of SDPA's fused kernel (and of the reference)
-_BWD_BLOCKS = 2.6    # ... of `blocks`' per-group calls
-_FLEX_WASTE = 1.3    # FlexAttention's 128-wide tiles compute more pairs than `blocks`' plan
-_THREAD_GAIN = 0.8
-
-# (shapes, dtype, device, mask kind, gate) of the compiled FlexAttention calls this process has run:
-# flex is worth ranking by its run time only once its kernel is compiled for that shape.
-_FLEX_WARM: set[tuple] = set()
 
 
 @dataclass(frozen=True)
@@ -267,7 +239,7 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Ten
        of group calls; the plan is cached on the mask, so ``blocks`` reuses it):
 
        - ``sdpa``: all B·Q·K pairs at the dense-mask rate, backward ``_BWD`` times the forward
-         (``_R_EAGER`` instead when a token gate needs a gradient: SDPA's math kernel);
+         (the eager rate instead when a token gate needs a gradient: SDPA's math kernel; constants in :mod:`learnmask.ops.cost_model`);
        - ``blocks``: the plan's pairs plus a fixed cost per group call; with a token gate that needs a
          gradient, a recomputing backward at the eager rate;
        - ``flex`` (inference only on CPU): the plan's pairs at FlexAttention's lower CPU rate, plus
@@ -342,7 +314,7 @@ def _choose(inputs: AttentionInputs) -> AutoChoice:
                            if n != best and t is not None)
         reason = f"lowest estimated CPU time, {what}: {best} {1e3 * cost:.3g} ms" + (f" vs {others} ms" if others else "")
         if best == "blocks":
-            frac = stats()[0] / _dense_pairs(inputs)
+            frac = stats()[0] / _cost.dense_pairs(inputs)
             reason += f" (plan keeps {frac:.0%} of the pairs)"
     return AutoChoice(best, reason, ranking, estimates, refused)
 
@@ -363,81 +335,11 @@ def _rank(accepting: list[str], estimates: dict[str, float | None]) -> list[str]
     return ranking + attached.get(None, [])
 
 
-def _threads_gain() -> float:
-    return 1.0 + _THREAD_GAIN * (max(1, torch.get_num_threads()) - 1)
-
-
-def _dense_pairs(inputs: AttentionInputs) -> int:
-    return inputs.q.shape[0] * inputs.q.shape[2] * inputs.k.shape[2]
-
-
-def _work_per_pair(inputs: AttentionInputs) -> int:
-    """Multiply-adds per (batch, query, key) pair over all query heads: Hq·(D + Dv)."""
-    return inputs.q.shape[1] * (inputs.q.shape[3] + inputs.v.shape[3])
-
-
 def _plan_stats(inputs: AttentionInputs) -> tuple[int, int, int]:
-    """(pairs, group calls, backward row chunks) of the registered ``blocks`` backend's plan."""
+    """:func:`~learnmask.ops.cost_model.plan_stats` with the registered ``blocks`` backend's sizes."""
     backend = _REGISTRY.get("blocks")
-    block_q = getattr(backend, "block_q", 64)
-    rows = getattr(backend, "backward_rows", 128)
-    groups, _ = _blocks.plan(inputs, block_q)
-    busy = [g for g in groups if g.k1 > g.k0]
-    pairs = sum((g.b1 - g.b0) * (g.q1 - g.q0) * (g.k1 - g.k0) for g in busy)
-    chunks = sum(-(-(g.q1 - g.q0) // rows) for g in busy)
-    return pairs, len(busy), chunks
-
-
-def _gate_grad(inputs: AttentionInputs) -> bool:
-    return inputs.token_gate is not None and inputs.token_gate.requires_grad and torch.is_grad_enabled()
+    return _cost.plan_stats(inputs, getattr(backend, "block_q", 64), getattr(backend, "backward_rows", 128))
 
 
 def _estimate(name: str, inputs: AttentionInputs, grads: bool, stats) -> float | None:
-    """Seconds per call of backend ``name`` on CPU (None: no model for it); ``stats()`` gives
-    :func:`_plan_stats` of the inputs (computed once)."""
-    backend = get_backend(name)
-    own = getattr(backend, "estimate_seconds", None)
-    if callable(own):
-        value = own(inputs)
-        return None if value is None else float(value)
-    work, gain = _work_per_pair(inputs), _threads_gain()
-    dense = _dense_pairs(inputs) * work
-    if isinstance(backend, SDPABackend):
-        fwd = dense / (_R_DENSE if inputs.mask is None else _R_MASKED) / gain
-        if not grads:
-            return fwd
-        return fwd + (3 * dense / _R_EAGER / gain if _gate_grad(inputs) else _BWD * fwd)
-    if isinstance(backend, BlocksBackend):
-        pairs, calls, chunks = stats()
-        compute = pairs * work / _R_BLOCKS / gain
-        fwd = compute + calls * _C_CALL
-        if not grads:
-            return fwd
-        if _gate_grad(inputs):  # recomputing backward, one eager pass per chunk of rows
-            return fwd + 3 * pairs * work / _R_EAGER / gain + chunks * _C_CALL
-        return fwd + _BWD_BLOCKS * compute + calls * _C_CALL_BWD
-    if isinstance(backend, FlexBackend):
-        if grads:
-            return None  # refused on CPU already; no model for other cases
-        pairs, _, _ = stats()
-        cost = _FLEX_WASTE * pairs * work / _R_FLEX / gain + _C_FLEX_CALL
-        if backend.compile and _flex_key(inputs) not in _FLEX_WARM:
-            cost += _FLEX_COMPILE_S
-        return cost
-    if isinstance(backend, ReferenceBackend):
-        return dense / _R_REFERENCE * (1 + (_BWD if grads else 0))
-    return None
-
-
-def _flex_key(inputs: AttentionInputs) -> tuple:
-    """What makes compiled FlexAttention compile anew: shapes, dtype, device, mask kind, gate presence."""
-    mask = inputs.mask
-    kind = None if mask is None else (type(mask).__name__, getattr(mask, "name", None))
-    return (tuple(inputs.q.shape), tuple(inputs.k.shape), tuple(inputs.v.shape), inputs.q.dtype, str(inputs.q.device),
-            kind, inputs.token_gate is not None)
-
-
-def _note_run(backend: AttentionBackend, inputs: AttentionInputs) -> None:
-    """Remember that compiled FlexAttention is warm for these inputs' shapes."""
-    if isinstance(backend, FlexBackend) and backend.compile:
-        _FLEX_WARM.add(_flex_key(inputs))
+    return _cost.estimate(get_backend(name), inputs, grads, stats)
