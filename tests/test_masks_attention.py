@@ -61,6 +61,21 @@ def test_keep_broadcasts_only_over_what_it_depends_on():
 
 # -- refusals -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "blocks", "auto"])
+def test_a_mask_copies_its_tensors_so_every_backend_sees_it_as_built(backend):
+    from learnmask.ops import masked_attention
+
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    mask = am.padding(keep) & am.causal() & am.document(ids)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    before = masked_attention(q, k, v, mask=mask, backend=backend)
+    keep[:, 8:] = False  # the caller reuses its tensors in place
+    ids[:, 4:] = 1
+    assert torch.equal(masked_attention(q, k, v, mask=mask, backend=backend), before)
+    assert torch.allclose(before, masked_attention(q, k, v, mask=am.causal(), backend="reference"), atol=1e-6)
+
+
 def test_mask_built_for_other_sizes_is_refused():
     pad = am.padding(torch.ones(2, 8))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 8\).*\(2, 10\)"):

@@ -157,7 +157,9 @@ class Predicate(AttentionMask):
     Args:
         name: shown in errors and ``repr`` (e.g. ``"sliding_window(128)"``).
         build: ``tensors -> mask_mod``.
-        tensors: name -> tensor the predicate reads (say, ``attention_mask`` ``(B, K)``).
+        tensors: name -> tensor the predicate reads (say, ``attention_mask`` ``(B, K)``); each is
+            copied, so changing the caller's tensor afterwards changes neither the mask nor what
+            it has cached (every backend sees the mask as it was built).
         dims: name -> the call size each of its dims must equal (``"batch"``, ``"q_len"``,
             ``"kv_len"``; batch may also be 1).
         structure: ``tensors -> MaskStructure``, or None when the predicate has none.
@@ -172,6 +174,7 @@ class Predicate(AttentionMask):
                  dims: dict[str, _Dims], structure: Callable[[dict[str, Tensor]], MaskStructure] | None,
                  per_head: bool = False, per_batch: bool | None = None) -> None:
         super().__init__()
+        tensors = {n: t.detach().clone() for n, t in tensors.items()}
         self.name, self._build, self._tensors, self._dims, self._structure = name, build, tensors, dims, structure
         devices = {t.device for t in tensors.values()}
         if len(devices) > 1:
