@@ -56,6 +56,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
         self.attn, self.mlp = attention, mlp
+        self.probe = nn.Linear(D_MODEL, D_MODEL)  # unused: a linear map of the wrong width for error tests
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -129,13 +130,15 @@ BAD = [
     (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k", "0.attn.v"]]),
      r"qkv_modules has 1 entries; expected one per name in target_modules \(2\)"),
     (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k"], "1.attn.qkv"]), r"must be 1 or 3 module name\(s\)"),
-    (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k", "0.attn.v"], "1.attn.out"]),
-     r"qkv_modules \['1.attn.out'\] have \[24\] output features; expected \[72\]"),
+    (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k", "0.attn.v"], "1.probe"]),
+     r"qkv_modules \['1.probe'\] have \[24\] output features; expected \[72\]"),
+    (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k", "0.norm1"], "1.attn.qkv"]),
+     r"'0.norm1' is a LayerNorm, not a linear map"),
     (dict(NAMES, head_count_attribute=None), r"SplitAttention '0.attn' has num_heads = 4, which finalize would "
                                              r"leave stale; pass head_count_attribute='num_heads'"),
     (dict(NAMES, head_count_attribute=3), r"head_count_attribute must be an attribute name given with qkv_modules"),
-    (dict(NAMES, ffn_up_modules=["0.mlp.gate", "1.mlp.2"]),
-     r"ffn_up_modules '1.mlp.2' has 24 output features; expected the 40 inputs of '1.mlp.2'"),
+    (dict(NAMES, ffn_up_modules=["0.mlp.gate", "1.probe"]),
+     r"ffn_up_modules '1.probe' has 24 output features; expected the 40 inputs of '1.mlp.2'"),
     (dict(NAMES, ffn_up_modules=["0.mlp.nope", "1.mlp.0"]), r"target module '0.mlp.nope' not found"),
     (dict(target_modules=None, qkv_modules=["a"]), r"qkv_modules has 1 entries; expected one per name in target_modules"),
     (dict(NAMES, qkv_modules="0.attn.qkv"), r"qkv_modules must be a list with one entry per layer"),
@@ -146,3 +149,33 @@ BAD = [
 def test_bad_projection_names_are_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         apply_masks(_model(), ffn=True, **options)
+
+
+MORE_BAD = [
+    (dict(NAMES, num_heads=2), r"SplitAttention '0.attn' has num_heads = 4, but num_heads=2"),
+    (dict(NAMES, num_heads=8, head_count_attribute=None), r"has num_heads = 4, but num_heads=8"),
+    (dict(NAMES, head_count_attribute="n_heads"),
+     r"head_count_attribute 'n_heads': no attention module .* has an int attribute of that name"),
+    (dict(NAMES, num_heads=0), r"num_heads must be a positive int \(heads per block\); got 0"),
+    (dict(NAMES, num_heads="4"), r"num_heads must be a positive int \(heads per block\); got '4'"),
+    (dict(NAMES, qkv_modules=[["0.attn.q", "0.attn.k", "0.attn.proj"], "1.attn.qkv"]),
+     r"module name\(s\) \['0.attn.proj'\] given more than once"),
+    (dict(NAMES, target_modules=["0.attn.proj", "0.attn.proj"]), r"\['0.attn.proj'\] given more than once"),
+]
+
+
+@pytest.mark.parametrize("options, message", MORE_BAD)
+def test_head_counts_and_repeated_names_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        apply_masks(_model(), ffn=True, **options)
+
+
+def test_a_bool_attribute_is_not_a_head_count():
+    model = _model()
+    model[0].attn.fused = True  # a flag, not a count: never overwritten as one
+    handle = apply_masks(model, **dict(NAMES, head_count_attribute="num_heads"))
+    with torch.no_grad():
+        handle.gates["heads"].log_alpha.copy_(torch.tensor([[5.0, -5, 5, 5], [5, 5, -5, 5]]))
+    assert finalize(handle)[0].attn.fused is True
+    with pytest.raises(ValueError, match="no attention module .* has an int attribute"):
+        apply_masks(_model(), **dict(NAMES, head_count_attribute="training"))

@@ -38,7 +38,9 @@ class MaskConfig:
 
     Raises:
         ValueError: no granularity on, a non-bool flag, ``target_modules`` without
-            ``num_heads``, or (in :meth:`from_dict`) an unknown key.
+            ``num_heads`` (or a ``num_heads`` that is not a positive int), projection lists that
+            do not have one entry per layer, a module named twice, or (in :meth:`from_dict`) an
+            unknown key.
     """
 
     heads: bool = True
@@ -71,6 +73,9 @@ class MaskConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.target_modules and self.num_heads is None:
             raise ValueError("target_modules given without num_heads; pass num_heads=<heads per block>")
+        if self.num_heads is not None and (isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int)
+                                           or self.num_heads < 1):
+            raise ValueError(f"num_heads must be a positive int (heads per block); got {self.num_heads!r}")
         for name, base, sizes in (("qkv_modules", "target_modules", (1, 3)), ("ffn_up_modules", "ffn_modules", (1, 2))):
             value = getattr(self, name)
             if value is None:
@@ -80,6 +85,12 @@ class MaskConfig:
                 raise ValueError(f"{name} has {len(per_layer)} entries; expected one per name in {base} "
                                  f"({len(getattr(self, base) or ())})")
             object.__setattr__(self, name, per_layer)
+        named = [n for field in ("target_modules", "ffn_modules") for n in (getattr(self, field) or ())]
+        named += [n for field in ("qkv_modules", "ffn_up_modules") for group in (getattr(self, field) or ()) for n in group]
+        repeated = sorted({n for n in named if named.count(n) > 1})
+        if repeated:
+            raise ValueError(f"module name(s) {repeated} given more than once across target_modules, qkv_modules, "
+                             "ffn_modules and ffn_up_modules; each module has one role in one layer")
         if self.head_count_attribute is not None and (not isinstance(self.head_count_attribute, str)
                                                       or self.qkv_modules is None):
             raise ValueError(f"head_count_attribute must be an attribute name given with qkv_modules; "

@@ -20,7 +20,7 @@ from learnmask.inject.architectures import SUPPORTED, AttentionSpec, FFNSpec, La
 from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream, find_hidden_stream
-from learnmask.inject.layout import in_features, out_features
+from learnmask.inject.layout import in_features, is_linear_like, out_features
 
 GATES_ATTRIBUTE = "learnmask_gates"
 
@@ -48,20 +48,31 @@ def _custom_attention(modules: dict[str, nn.Module], config: MaskConfig, row: in
     if widths != expected:
         raise ValueError(f"qkv_modules {list(names)} have {widths} output features; expected {expected} "
                          f"(the {width} inputs of {name!r}; grouped key/value heads are not supported here)")
-    owner = modules[name.rpartition(".")[0]]
-    attribute = config.head_count_attribute
-    if attribute is None:
-        stale = [a for a in _HEAD_COUNT_NAMES if getattr(owner, a, None) == heads]
-        if stale:
-            raise ValueError(f"{type(owner).__name__} {name.rpartition('.')[0]!r} has {stale[0]} = {heads}, which "
-                             f"finalize would leave stale; pass head_count_attribute={stale[0]!r}")
-        set_heads = None
-    elif isinstance(getattr(owner, attribute, None), int):
+    owner_name = name.rpartition(".")[0]
+    owner, attribute = modules[owner_name], config.head_count_attribute
+    counts = {a: getattr(owner, a) for a in _HEAD_COUNT_NAMES + ((attribute,) if attribute else ())
+              if _is_count(getattr(owner, a, None))}
+    where = f"{type(owner).__name__} {owner_name!r}"
+    wrong = [(a, value) for a, value in counts.items() if value != heads]
+    if wrong:
+        raise ValueError(f"{where} has {wrong[0][0]} = {wrong[0][1]}, but num_heads={heads}; pass the module's "
+                         "own head count")
+    if attribute in counts:
+
         def set_heads(module, h, g):
             setattr(owner, attribute, h)
-    else:  # this layer reads its head count from shapes
+    else:  # this layer reads its head count from shapes, unless it holds one under another name
+        stale = [a for a, value in counts.items() if value == heads]
+        if stale:
+            raise ValueError(f"{where} has {stale[0]} = {heads}, which finalize would leave stale; pass "
+                             f"head_count_attribute={stale[0]!r}" +
+                             (f" (it has no int attribute {attribute!r})" if attribute else ""))
         set_heads = None
     return AttentionSpec(None, "", *rows, out, heads, heads, width // heads, set_heads=set_heads)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _custom_ffn(modules: dict[str, nn.Module], config: MaskConfig, row: int) -> FFNSpec:
@@ -88,9 +99,16 @@ def custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
     for name in names:
         if name not in modules:
             raise ValueError(f"target module {name!r} not found in {type(model).__name__}")
+        if not is_linear_like(modules[name]):
+            raise ValueError(f"{name!r} is a {type(modules[name]).__name__}, not a linear map (nn.Linear or GPT-2's "
+                             "Conv1D); target_modules, qkv_modules, ffn_modules and ffn_up_modules name linear maps")
     outs, downs = list(config.target_modules or ()), list(config.ffn_modules or ())
     if outs and downs and len(outs) != len(downs):
         raise ValueError(f"target_modules has {len(outs)} names and ffn_modules {len(downs)}; give one of each per layer")
+    attribute = config.head_count_attribute
+    if attribute and not any(_is_count(getattr(modules[n.rpartition(".")[0]], attribute, None)) for n in outs):
+        raise ValueError(f"head_count_attribute {attribute!r}: no attention module (the parent of a target module) "
+                         "has an int attribute of that name")
     layers = []
     for row in range(max(len(outs), len(downs))):
         attention = _custom_attention(modules, config, row) if outs else None
