@@ -212,3 +212,23 @@ def test_deepcopy_and_reload_keep_what_the_encoder_reads():
             assert (copied(x) - expected).abs().max().item() <= 1e-5
             assert copied.layers[0].self_attn.batch_first and copied.layers[1].self_attn.num_heads == 3
     assert type(plain.layers[0].self_attn).__name__ == "RemovedAttention"
+
+
+@pytest.mark.parametrize("make", [lambda: _stock(bias=False, batch_first=True),
+                                  lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                                      E, H, 32, dropout=0.0, batch_first=True, bias=False), 1,
+                                      enable_nested_tensor=False).eval()])
+def test_a_bias_free_block_is_finalized_twice(make):
+    """fx keeps only the tensors a graph reads, so a bias-free pruned block's projections have no
+    ``bias`` attribute at all; pruning it again must not need one."""
+    model = make()
+    first = apply_masks(model, heads=True, gates={"heads": FixedGate(torch.tensor([[1.0, 0, 1, 1]]))})
+    once = finalize(first)
+    x = torch.randn(2, 5, E, generator=torch.Generator().manual_seed(0))
+    run = (lambda m: m(x, x, x)[0]) if isinstance(once, torch.fx.GraphModule) else (lambda m: m(x))
+    second = apply_masks(once, heads=True, attention_blocks=True,
+                         gates={"heads": FixedGate(torch.tensor([[1.0, 0, 1]])), "attention_blocks": FixedGate(torch.tensor([1.0]))})
+    with torch.no_grad():
+        gated = run(once)
+        twice = finalize(second)
+        assert (run(twice) - gated).abs().max().item() <= 1e-5

@@ -32,7 +32,7 @@ from learnmask.export import mha, stubs
 from learnmask.inject import hooks
 from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers, is_mha
 from learnmask.inject.hidden import find_hidden_stream
-from learnmask.inject.layout import (drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
+from learnmask.inject.layout import (bias_of, drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
 from learnmask.inject.heads import HeadGateHandle
 from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle, custom_layers
@@ -63,7 +63,7 @@ def _prune_attention(att: AttentionSpec, z_heads: Tensor, z_block: float) -> Non
     keep = (z_heads > 0) & (z_block > 0)
     if not bool(keep.any()):
         if att.owner is not None:
-            _replace_attention(att, att.out.bias if z_block > 0 and att.out.bias is not None else None)
+            _replace_attention(att, bias_of(att.out) if z_block > 0 else None)
             return
         keep = torch.arange(att.num_heads) == 0  # target_modules: one zeroed head stays (see finalize)
     if is_mha(att.module):  # stock or already pruned nn.MultiheadAttention: rebuilt with fewer heads
@@ -102,14 +102,14 @@ def _prune_ffn(ffn: FFNSpec, z_units: Tensor, z_block: float) -> None:
         scale_outputs(ffn.down, z_block)
     keep = torch.nonzero((z_units > 0) & (z_block > 0)).flatten()
     if len(keep) == 0 and ffn.owner is not None:  # GPT-2: Conv1D cannot take zero-width input
-        bias = ffn.down.bias if z_block > 0 else None
+        bias = bias_of(ffn.down) if z_block > 0 else None
         setattr(ffn.owner, ffn.attr, stubs.zero_block("hidden_states", bias, returns_tuple=False,
                                                       class_name="RemovedFFN"))
         return
     for up in ffn.up:
         keep_outputs(up, keep)
     keep_inputs(ffn.down, keep)
-    if z_block == 0 and ffn.bias_removable and ffn.down.bias is not None:
+    if z_block == 0 and ffn.bias_removable and bias_of(ffn.down) is not None:
         drop_bias(ffn.down)
 
 

@@ -12,6 +12,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
+def bias_of(module: nn.Module) -> Tensor | None:
+    """The bias of a linear map, or None (also when the module has no ``bias`` attribute at all, as
+    the weight holders ``torch.fx`` keeps of a bias-free projection)."""
+    return getattr(module, "bias", None)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a linear map whose weight is stored ``(in, out)``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -61,7 +67,7 @@ def scale_outputs(module: nn.Module, scale: Tensor | float) -> None:
     weight = weight_out_in(module)
     factor = torch.as_tensor(scale, dtype=weight.dtype, device=weight.device)
     weight.mul_(factor[:, None] if factor.dim() else factor)
-    if module.bias is not None:
+    if bias_of(module) is not None:
         module.bias.mul_(factor)
 
 
@@ -70,7 +76,7 @@ def keep_outputs(module: nn.Module, index: Tensor) -> None:
     index = index.to(module.weight.device)
     weight = module.weight[:, index] if is_conv1d(module) else module.weight[index]
     module.weight = _parameter(weight, module.weight)
-    if module.bias is not None:
+    if bias_of(module) is not None:
         module.bias = _parameter(module.bias[index], module.bias)
     _sync_sizes(module)
 

@@ -20,7 +20,7 @@ from learnmask.inject.architectures import SUPPORTED, AttentionSpec, FFNSpec, La
 from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream, find_hidden_stream
-from learnmask.inject.layout import in_features, is_linear_like, out_features
+from learnmask.inject.layout import bias_of, in_features, is_linear_like, out_features
 
 GATES_ATTRIBUTE = "learnmask_gates"
 
@@ -193,7 +193,7 @@ class MaskHandle:
             if att is not None and att.functional_out and on & {"heads", "attention_blocks"}:
                 weight = H.OutProjParametrization(self, row, att.head_dim, "heads" in on, "attention_blocks" in on)
                 self._parametrize(att.out, "weight", weight)
-                if "attention_blocks" in on and att.out.bias is not None:
+                if "attention_blocks" in on and bias_of(att.out) is not None:
                     self._parametrize(att.out, "bias", H.BiasParametrization(self, row))
             elif att is not None:
                 if "heads" in on:
