@@ -232,3 +232,27 @@ def test_a_bias_free_block_is_finalized_twice(make):
         gated = run(once)
         twice = finalize(second)
         assert (run(twice) - gated).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("granularity", ["heads", "ffn"])
+def test_default_encoder_with_nested_tensors_is_gated_and_finalized(granularity):
+    """nn.TransformerEncoder's default turns a padded batch into a nested tensor in inference;
+    gates and rebuilt blocks need dense tensors: the path is off while gated and in the result,
+    and remove() turns it back on."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True), 2).eval()
+    assert model.use_nested_tensor
+    x = torch.randn(2, 7, E, generator=torch.Generator().manual_seed(0))
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, 4:] = True
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]]) if granularity == "heads" else (torch.arange(32) % 3 > 0).float().repeat(2, 1)
+    handle = apply_masks(model, **{granularity: True}, gates={granularity: FixedGate(mask)})
+    with torch.no_grad():
+        gated = model(x, src_key_padding_mask=padding)
+        plain = finalize(handle)
+        out = plain(x, src_key_padding_mask=padding)
+    kept = ~padding[..., None]  # the nested path leaves padded positions as zeros: compare real tokens
+    assert ((out - gated) * kept).abs().max().item() <= 1e-5
+    assert not plain.use_nested_tensor or granularity == "ffn"
+    handle.remove()
+    assert model.use_nested_tensor

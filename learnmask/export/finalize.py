@@ -221,4 +221,8 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
             holder.model = model
             layer.attention.owner, layer.attention.attr = holder, "model"
     prune_layers(layers, masks)
+    for module in model.modules():  # a rebuilt or emptied self_attn takes no nested tensors
+        if isinstance(module, nn.TransformerEncoder) and any(
+                not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers):
+            module.use_nested_tensor = False
     return model if holder is None else holder.model

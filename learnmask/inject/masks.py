@@ -155,6 +155,18 @@ def _gate_shapes(model: nn.Module, layers: list[LayerSpec], config: MaskConfig) 
     return shapes
 
 
+class _NoNestedTensor:
+    """Turns off an ``nn.TransformerEncoder``'s nested-tensor fast path (its default for padded
+    batches in inference) while gates are attached; ``remove()`` turns it back on, like a hook."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        encoder.use_nested_tensor = False
+
+    def remove(self) -> None:
+        self.encoder.use_nested_tensor = True
+
+
 class MaskHandle:
     """Gates attached to a model by :func:`apply_masks`.
 
@@ -188,6 +200,9 @@ class MaskHandle:
     def _attach(self) -> None:
         on = set(self.gates)
         self._hooks.append(self.model.register_forward_pre_hook(H.SampleGates(self, "")))
+        for module in self.model.modules():  # nested tensors cannot pass the gates' hooks
+            if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+                self._hooks.append(_NoNestedTensor(module))
         for row, layer in enumerate(self.layers):
             att, ffn = layer.attention, layer.ffn
             if att is not None and att.functional_out and on & {"heads", "attention_blocks"}:
