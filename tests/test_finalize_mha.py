@@ -256,3 +256,21 @@ def test_default_encoder_with_nested_tensors_is_gated_and_finalized(granularity)
     assert not plain.use_nested_tensor or granularity == "ffn"
     handle.remove()
     assert model.use_nested_tensor
+
+
+@pytest.mark.parametrize("options", [dict(kdim=10, vdim=14), dict(add_bias_kv=True), dict(bias=False, kdim=9, vdim=9)])
+def test_parameter_counts_with_kdim_vdim_and_bias_kv(options):
+    """Rows reading kdim/vdim are not the stream's width, bias_k/bias_v are per head: the counts
+    of the gated model equal the finalized model's, before and after gating it again."""
+    mha = _stock(batch_first=True, **options)
+    dense = sum(p.numel() for p in mha.parameters())
+    handle = apply_masks(mha, heads=True, gates={"heads": FixedGate(torch.tensor([[1.0, 0, 1, 0]]))})
+    assert handle.dense_parameters() == handle.prunable_parameters() == dense
+    plain = finalize(handle)
+    assert sum(p.numel() for p in plain.parameters()) == handle.remaining_parameters()
+    again = apply_masks(plain, heads=True, gates={"heads": FixedGate(torch.tensor([[0.0, 1.0]]))})
+    assert again.prunable_parameters() == again.dense_parameters() == sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in finalize(again).parameters()) == again.remaining_parameters()
+    report = layer_report(handle, seq_len=4)[0]
+    kv_in = options.get("kdim", E) + options.get("vdim", E)
+    assert report.flops_attention == 2 * 4 * 2 * D * (2 * E + kv_in) + 4 * 4 * 4 * 2 * D + 2 * 4 * (2 * D) ** 2

@@ -23,18 +23,22 @@ from einops import rearrange
 from torch import Tensor
 
 from learnmask.inject.architectures import LayerSpec
+from learnmask.inject.layout import in_features
 
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """Parameters ``a + b * d`` of one unit; ``w`` of the ``b`` are matmul weights (FLOPs)."""
+    """Parameters ``a + b * d`` of one unit; ``w`` of the ``b`` and ``v`` of the ``a`` are matmul
+    weights (FLOPs; ``v``: rows reading another width, as an ``nn.MultiheadAttention`` with
+    ``kdim``/``vdim``)."""
 
     a: float = 0.0
     b: float = 0.0
     w: float = 0.0
+    v: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.a + other.a, self.b + other.b, self.w + other.w)
+        return Cost(self.a + other.a, self.b + other.b, self.w + other.w, self.v + other.v)
 
     def at(self, d):
         """Parameters at hidden size ``d`` (float or 0-dim tensor)."""
@@ -68,6 +72,14 @@ def _weight_rows(width: float, bias: float) -> Cost:
     return Cost(a=width * bias, b=width, w=width)
 
 
+def _rows_reading(width: float, bias: float, inputs: int, d: int) -> Cost:
+    """``width`` output rows of a map with ``inputs`` input features: the stream's when
+    ``inputs == d``, else a fixed width (an attention's ``kdim``/``vdim``)."""
+    if inputs == d:
+        return _weight_rows(width, bias)
+    return Cost(a=width * (inputs + bias), v=width * inputs)
+
+
 def layer_costs(layer: LayerSpec) -> LayerCosts:
     """The :class:`LayerCosts` of ``layer`` from its modules' actual shapes."""
     att, ffn = layer.attention, layer.ffn
@@ -78,17 +90,22 @@ def layer_costs(layer: LayerSpec) -> LayerCosts:
         heads, kv_heads, head_dim = att.num_heads, att.num_kv_heads, att.head_dim
         head = Cost(b=head_dim, w=head_dim)  # output-projection columns
         attention = Cost(b=_bias(att.out))
-        if att.fused:
-            mha = att.module if att.module is not None else None
-            in_bias = 1.0 if mha is None or mha.in_proj_bias is not None else 0.0
-            head = head + _weight_rows(3 * head_dim, in_bias)
+        if att.fused:  # a stock nn.MultiheadAttention (the model itself when att.owner is None)
+            mha = att.module if att.owner is not None else layer.module
+            in_bias = 1.0 if mha.in_proj_bias is not None else 0.0
+            head = head + _weight_rows(head_dim, in_bias) + _rows_reading(head_dim, in_bias, mha.kdim, d) \
+                + _rows_reading(head_dim, in_bias, mha.vdim, d)
         elif att.q is not None:
             head = head + _weight_rows(head_dim, _bias(att.q.module))
-            kv_cost = _weight_rows(head_dim, _bias(att.k.module)) + _weight_rows(head_dim, _bias(att.v.module))
+            kv_cost = _rows_reading(head_dim, _bias(att.k.module), in_features(att.k.module), d) \
+                + _rows_reading(head_dim, _bias(att.v.module), in_features(att.v.module), d)
             if kv_heads == heads:
                 head = head + kv_cost
             else:
                 kv = kv_cost
+        block = att.module if att.owner is not None else layer.module
+        if getattr(block, "bias_k", None) is not None:  # nn.MultiheadAttention(add_bias_kv=True)
+            head = head + Cost(a=2 * head_dim)
     unit = ffn_cost = Cost()
     units = 0
     if ffn is not None:
@@ -159,5 +176,6 @@ def layer_flops(costs: LayerCosts, seq_len: int, kept: dict[str, float]) -> dict
     heads = kept["heads"] * kept["attention_block"]
     groups = kept["kv_groups"] * kept["attention_block"]
     attention = 2 * s * d * (heads * costs.head.w + groups * costs.kv_group.w) + 4 * s * s * heads * costs.head_dim
+    attention += 2 * s * (heads * costs.head.v + groups * costs.kv_group.v)  # rows reading kdim/vdim
     ffn = 2 * s * d * kept["units"] * kept["ffn_block"] * costs.unit.w
     return {"attention": attention, "ffn": ffn}
