@@ -114,7 +114,8 @@ def test_a_layer_with_every_head_closed_keeps_one_zeroed_head():
     assert (_run(plain) - gated).abs().max().item() <= 1e-5
     assert plain[0].attn.num_heads == 1 and plain[1].attn.qkv.out_features == 3 * 2 * 6
     one_head = 3 * (6 * D_MODEL + 6) + 6 * D_MODEL  # q, k, v rows and out columns of the zeroed head
-    assert sum(p.numel() for p in plain.parameters()) == handle.remaining_parameters() + one_head
+    count = sum(p.numel() for p in plain.parameters())
+    assert count == handle.remaining_parameters() == handle.parameters_for(handle.eval_masks()) + one_head
 
 
 def test_finalize_without_the_projections_names_what_to_pass():
@@ -179,3 +180,15 @@ def test_a_bool_attribute_is_not_a_head_count():
     assert finalize(handle)[0].attn.fused is True
     with pytest.raises(ValueError, match="no attention module .* has an int attribute"):
         apply_masks(_model(), **dict(NAMES, head_count_attribute="training"))
+
+
+def test_a_closed_attention_block_keeps_one_zeroed_head_and_its_zeroed_bias():
+    model = _model()
+    handle = apply_masks(model, heads=True, attention_blocks=True,
+                         gates={"heads": FixedGate(torch.ones(2, HEADS)), "attention_blocks": FixedGate(torch.tensor([0.0, 1.0]))},
+                         **{k: v for k, v in NAMES.items() if not k.startswith("ffn")})
+    gated = _run(model)
+    plain = finalize(handle)
+    assert (_run(plain) - gated).abs().max().item() <= 1e-5
+    assert plain[0].attn.num_heads == 1 and torch.equal(plain[0].attn.proj.bias, torch.zeros(D_MODEL))
+    assert sum(p.numel() for p in plain.parameters()) == handle.remaining_parameters()

@@ -309,9 +309,20 @@ class MaskHandle:
         return 1.0 - self._prunable(self._keep_probabilities()) / self.prunable_parameters()
 
     def remaining_parameters(self) -> int:
-        """Parameters left once the eval masks' closed units are removed (what ``finalize`` keeps,
-        except grouped-query padding, which stays)."""
-        return self.parameters_for(self.eval_masks())
+        """Parameters ``finalize`` keeps under the eval masks: :meth:`parameters_for` them, plus
+        the one zeroed head (and zeroed output bias) finalize leaves in a ``target_modules``
+        attention with every head closed. Grouped-query padding (Llama) is not counted."""
+        masks = self.eval_masks()
+        extra = 0.0
+        for row, (layer, costs) in enumerate(zip(self.layers, self._costs)):
+            if layer.arch != "custom" or layer.attention is None:
+                continue
+            heads_open = bool((masks["heads"][row] > 0).any()) if "heads" in masks else True
+            block_open = bool(masks["attention_blocks"][row] > 0) if "attention_blocks" in masks else True
+            if not (heads_open and block_open):
+                d = layer.hidden_size
+                extra += costs.head.at(d) + (0.0 if block_open else costs.attention.at(d))
+        return self.parameters_for(masks) + round(extra)
 
     def parameters_for(self, masks: Mapping[str, Tensor]) -> int:
         """Parameters left if the units where ``masks[name] == 0`` were removed.
