@@ -180,8 +180,11 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         in float32 up to summation order (a pruned matmul adds fewer terms), max abs diff
         <= 1e-5 on MiniLM-sized models; deeper ones amplify it as they amplify their own
         rounding (30-layer SmolLM2: within 5x the gated float32 model's own error against a
-        float64 run). It holds no learnmask object, so ``torch.save(model)`` loads where
-        learnmask is absent.
+        float64 run). With hidden dims removed, a model whose output is the hidden stream
+        itself (a bare ``BertModel``) returns the kept dims only: the gated output without its
+        zero columns. It holds no learnmask object, so ``torch.save(model)`` loads where
+        learnmask is absent; a Hugging Face config still states the original sizes, so
+        ``save_pretrained``/``from_pretrained`` cannot rebuild it.
 
     Raises:
         ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``

@@ -6,7 +6,8 @@ Hugging Face BERT/RoBERTa (``BertLayer``), DistilBERT (``TransformerBlock``), GP
 (``GPT2Block``), ViT (``ViTLayer``), Llama with grouped key/value heads (``LlamaDecoderLayer``),
 ``torch.nn.TransformerEncoderLayer`` and a bare ``torch.nn.MultiheadAttention`` (heads only);
 also the forms ``finalize`` leaves behind (emptied blocks as stubs, an ``nn.MultiheadAttention``
-with heads removed as a ``PrunedMultiheadAttention`` fx module), so a pruned model is gated again.
+with heads removed as a ``PrunedMultiheadAttention`` fx module), so a pruned model is gated again
+(layer by layer where its layers now differ in size).
 
 Legend: ``H`` query heads, ``G`` key/value heads (groups; G = H without GQA), ``D`` head size,
 ``I`` FFN intermediate units, ``d`` hidden size.
