@@ -274,3 +274,24 @@ def test_parameter_counts_with_kdim_vdim_and_bias_kv(options):
     report = layer_report(handle, seq_len=4)[0]
     kv_in = options.get("kdim", E) + options.get("vdim", E)
     assert report.flops_attention == 2 * 4 * 2 * D * (2 * E + kv_in) + 4 * 4 * 4 * 2 * D + 2 * 4 * (2 * D) ** 2
+
+
+def test_encoder_prune_benchmark_quick_mode(tmp_path, capsys):
+    import json
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+    try:
+        import prune
+    finally:
+        sys.path.pop(0)
+    args = ["--model", "encoder", "--quick", "--threads", "1", "--runs", "1", "--output", str(tmp_path / "r.json")]
+    assert prune.main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["heads_kept"] == 36 and result["ffn_units_kept"] == 4608
+    assert result["parameters_pruned"] < result["parameters_dense"] / 1.9
+    assert result["finalize_vs_gated_max_abs_diff"] <= 1e-5
+    seq, d, kept = 64, 384, 6 * 32  # the query identity map of each layer: 2 S (H' D)^2 per sequence
+    assert result["flops_pruned"] == pytest.approx(result["flops_dense"] / 2 + 8 * 6 * 2 * seq * kept ** 2, rel=1e-9)
+    assert "nn.TransformerEncoder (MiniLM shape) prune benchmark" in capsys.readouterr().out

@@ -7,6 +7,12 @@ random token ids (32 x 128 by default; all positions attended). Which units go i
 weight magnitude (``--select magnitude``, default) or at random (``--select random``): the
 shapes, hence the speed, are the same either way.
 
+``--model encoder`` runs the same comparison on a ``torch.nn.TransformerEncoder`` of MiniLM's
+shape (6 layers, width 384, 12 heads, 1,536 GELU units, post-norm, random weights, random input
+vectors): the dense model runs torch's fused inference fast path, the finalized one its
+``PrunedMultiheadAttention`` blocks (``learnmask.export.mha``, whose query identity map the FLOPs
+count). Results: paper/results/bench-prune-encoder.json.
+
 Printed: median wall time of ``--runs`` timed forward passes after ``--warmup`` untimed ones
 (dense and pruned interleaved, so drifting machine load hits both alike), analytic FLOPs of the
 transformer layers (``learnmask.stats.total_flops``; embeddings and pooler left out), the
@@ -42,6 +48,8 @@ GOAL = 0.8  # speedup must reach this fraction of the FLOP reduction ratio
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["minilm", "encoder"], default="minilm",
+                        help="the packaged MiniLM (BertModel) or a MiniLM-shaped nn.TransformerEncoder")
     parser.add_argument("--model-path", default=None, help="local BERT-family folder (default: packaged MiniLM)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -74,6 +82,30 @@ def load_model(path: str | None):
     return transformers.AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval(), str(folder)
 
 
+def make_encoder(seed: int) -> torch.nn.Module:
+    """A MiniLM-shaped ``nn.TransformerEncoder`` (random weights, eval mode)."""
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(384, 12, 1536, dropout=0.0, activation="gelu", batch_first=True)
+    return torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False).eval()
+
+
+def load(args: argparse.Namespace):
+    """(dense model, identical model to gate, batch of keyword inputs, description)."""
+    if args.model == "encoder":
+        src = torch.randn(args.batch_size, args.seq_len, 384, generator=torch.Generator().manual_seed(args.seed))
+        return make_encoder(args.seed), make_encoder(args.seed), {"src": src}, "nn.TransformerEncoder (MiniLM shape)"
+    dense, folder = load_model(args.model_path)
+    gated, _ = load_model(args.model_path)
+    ids = torch.randint(1000, dense.config.vocab_size, (args.batch_size, args.seq_len),
+                        generator=torch.Generator().manual_seed(args.seed))
+    return dense, gated, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, folder
+
+
+def output(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**batch)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
 def measure(models: dict, batch: dict, runs: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """Wall-clock and process-CPU seconds per forward pass of each model, interleaved run by run.
 
@@ -98,19 +130,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dense, folder = load_model(args.model_path)
-    gated, _ = load_model(args.model_path)
+    dense, gated, batch, folder = load(args)
     handle = apply_masks(gated, heads=True, ffn=True, gate="fixed")
     keep = {"heads": 1.0 - args.heads_sparsity, "ffn": 1.0 - args.ffn_sparsity}
     masks = set_baseline(handle, args.select, keep, generator=torch.Generator().manual_seed(args.seed))
-    vocab = dense.config.vocab_size
-    ids = torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
-        gated_out = gated(**batch).last_hidden_state
+        gated_out = output(gated, batch)
     pruned = finalize(handle)
     with torch.inference_mode():
-        diff = (pruned(**batch).last_hidden_state - gated_out).abs().max().item()
+        diff = (output(pruned, batch) - gated_out).abs().max().item()
     times = measure({"dense": dense, "pruned": pruned}, batch, args.runs, args.warmup)
     t_dense, t_pruned = (statistics.median(times[m]["wall"]) for m in ("dense", "pruned"))
     c_dense, c_pruned = (statistics.median(times[m]["cpu"]) for m in ("dense", "pruned"))
@@ -146,7 +174,7 @@ def report(r: dict) -> str:
         ("median ms/batch", f"{r['seconds_dense_median'] * 1e3:.1f}", f"{r['seconds_pruned_median'] * 1e3:.1f}"),
         ("median CPU ms/batch", f"{r['cpu_seconds_dense_median'] * 1e3:.1f}", f"{r['cpu_seconds_pruned_median'] * 1e3:.1f}"),
     ]
-    lines = [f"MiniLM prune benchmark: batch {r['batch_size']} x {r['seq_len']} tokens, CPU fp32, "
+    lines = [f"{r['model']} prune benchmark: batch {r['batch_size']} x {r['seq_len']} tokens, CPU fp32, "
              f"{r['threads']} threads, median of {r['runs']} runs after {r['warmup']} warm-up, units by {r['select']}"]
     lines += [f"{a:<18}{b:>14}{c:>14}" for a, b, c in rows]
     verdict = "PASS" if r["passed"] else "MISS"
@@ -162,7 +190,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(report(result))
-    default = "bench-prune-quick.json" if args.quick else "bench-prune.json"
+    default = f"bench-prune{'-encoder' if args.model == 'encoder' else ''}{'-quick' if args.quick else ''}.json"
     output = pathlib.Path(args.output) if args.output else ROOT / "paper" / "results" / default
     atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     print(f"results written to {output}")
