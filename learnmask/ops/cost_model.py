@@ -42,10 +42,12 @@ _FLEX_WARM: set[tuple] = set()
 
 
 def threads_gain() -> float:
+    """How much faster compute runs on this process's torch threads than on one (>= 1)."""
     return 1.0 + _THREAD_GAIN * (max(1, torch.get_num_threads()) - 1)
 
 
 def dense_pairs(inputs: AttentionInputs) -> int:
+    """B·Q·K: the (batch, query, key) pairs of dense attention over ``inputs``."""
     return inputs.q.shape[0] * inputs.q.shape[2] * inputs.k.shape[2]
 
 
@@ -65,6 +67,7 @@ def plan_stats(inputs: AttentionInputs, block_q: int = 64, backward_rows: int = 
 
 
 def gate_grad(inputs: AttentionInputs) -> bool:
+    """Whether the token gate will want a gradient from this call."""
     return inputs.token_gate is not None and inputs.token_gate.requires_grad and torch.is_grad_enabled()
 
 
