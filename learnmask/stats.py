@@ -109,8 +109,7 @@ def _layer_counts(layer, costs, masks: dict, row: int) -> tuple[dict, dict]:
 def _query_identity_flops(layer, heads: float, seq_len: int) -> float:
     """FLOPs of the identity query map of a pruned ``nn.MultiheadAttention`` (0 elsewhere)."""
     att = layer.attention
-    block = att.module if att is not None and att.owner is not None else layer.module  # bare: the model
-    if att is None or heads == 0 or not is_mha(block) or (att.fused and heads == att.num_heads):
+    if att is None or heads == 0 or not is_mha(layer.attention_module) or (att.fused and heads == att.num_heads):
         return 0.0  # no such block now, nor after finalize (an untouched stock block stays as it is)
     return 2.0 * seq_len * (heads * att.head_dim) ** 2
 

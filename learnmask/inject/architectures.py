@@ -108,6 +108,17 @@ class LayerSpec:
     norms: list[nn.Module]
 
     @property
+    def attention_module(self) -> nn.Module | None:
+        """The attention module now: its owner's attribute, or the layer itself for a bare
+        ``nn.MultiheadAttention`` given as the model; None without one (or for a
+        ``target_modules`` layer, whose attention module learnmask does not know)."""
+        if self.attention is None:
+            return None
+        if self.attention.owner is not None:
+            return self.attention.module
+        return self.module if is_mha(self.module) else None
+
+    @property
     def hidden_size(self) -> int:
         """d, the width of the residual stream this layer writes to."""
         if self.attention is not None:

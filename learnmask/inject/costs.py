@@ -91,7 +91,7 @@ def layer_costs(layer: LayerSpec) -> LayerCosts:
         head = Cost(b=head_dim, w=head_dim)  # output-projection columns
         attention = Cost(b=_bias(att.out))
         if att.fused:  # a stock nn.MultiheadAttention (the model itself when att.owner is None)
-            mha = att.module if att.owner is not None else layer.module
+            mha = layer.attention_module
             in_bias = 1.0 if mha.in_proj_bias is not None else 0.0
             head = head + _weight_rows(head_dim, in_bias) + _rows_reading(head_dim, in_bias, mha.kdim, d) \
                 + _rows_reading(head_dim, in_bias, mha.vdim, d)
@@ -103,8 +103,7 @@ def layer_costs(layer: LayerSpec) -> LayerCosts:
                 head = head + kv_cost
             else:
                 kv = kv_cost
-        block = att.module if att.owner is not None else layer.module
-        if getattr(block, "bias_k", None) is not None:  # nn.MultiheadAttention(add_bias_kv=True)
+        if getattr(layer.attention_module, "bias_k", None) is not None:  # nn.MultiheadAttention(add_bias_kv=True)
             head = head + Cost(a=2 * head_dim)
     unit = ffn_cost = Cost()
     units = 0
