@@ -122,3 +122,18 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
         if old and not old.endswith(b"\n"):
             old += b"\n"
         _atomic_replace(path, lambda handle: handle.write(old + new))
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so
+    nothing in the file can run code.
+
+    Raises:
+        ValueError: the file is empty, truncated, not a torch file, or needs arbitrary code to
+            load (the message names the file and says it can be deleted).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read is the same fault to the user
+        raise ValueError(f"{path} is not a readable {what} ({type(error).__name__}: {str(error)[:200]}); delete it "
+                         "to start over") from error

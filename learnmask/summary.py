@@ -35,7 +35,7 @@ def summary(handle: MaskHandle, *, seq_len: int) -> dict[str, float]:
         "parameters/dense": float(handle.dense_parameters()),
         "parameters/remaining": float(handle.remaining_parameters()),
         "parameters/expected": float(handle.expected_remaining_parameters().detach()),
-        "sparsity/expected_parameters": float(handle.expected_sparsity().detach()),
+        "sparsity/expected_parameters": float(handle.expected_parameter_sparsity().detach()),
         "flops/total": sum(r.flops_attention + r.flops_ffn for r in reports),
     }
     for index, report in enumerate(reports):

@@ -92,10 +92,10 @@ def test_open_gates_on_real_minilm_reproduce_its_logits():
     with torch.no_grad():
         base = model(**batch).logits
         handle = apply_head_gates(model, "hard_concrete", init_log_alpha=3.0)
-        assert handle.gate.log_alpha.shape == (6, 12)
+        assert handle.gates["heads"].log_alpha.shape == (6, 12)
         model.eval()
         assert (model(**batch).logits - base).abs().max().item() <= 1e-6
-        handle.gate.eval_k = 7
+        handle.gates["heads"].eval_k = 7
         assert not torch.allclose(model(**batch).logits, base, atol=1e-3)  # 65 heads closed: it acts
         handle.remove()
         assert torch.equal(model(**batch).logits, base)

@@ -161,8 +161,8 @@ def test_finalize_head_gates_of_the_recipe_and_the_model_itself(name):
     expected = zoo.run(name, model, batch)
     plain = finalize(model)  # the handle is found through the model's hooks
     assert (zoo.run(name, plain, batch) - expected).abs().max().item() <= TOLERANCE
-    assert torch.equal(zoo.run(name, model, batch), expected) and handle.gate is model.learnmask_head_gate
-    assert not hasattr(plain, "learnmask_head_gate") and not plain._forward_pre_hooks
+    assert torch.equal(zoo.run(name, model, batch), expected) and handle.gates is model.learnmask_gates
+    assert not hasattr(plain, "learnmask_gates") and not plain._forward_pre_hooks
     dense = sum(p.numel() for p in zoo.make(name).parameters())
     assert sum(p.numel() for p in plain.parameters()) < dense
     masks_handle = apply_masks(zoo.make(name), heads=True, gates={"heads": FixedGate(mask)})

@@ -1,4 +1,5 @@
-"""Head gates attached by hooks: invariances and exact values on tiny random models."""
+"""Head gates (``apply_head_gates``, a thin wrapper of ``apply_masks(heads=True)``): invariances and
+exact values on tiny random models, on the op path (Hugging Face models) and the hook path."""
 import copy
 
 import pytest
@@ -8,8 +9,7 @@ from torch import nn
 
 from conftest import tiny_bert
 from learnmask.gates import FixedGate, HardConcreteGate
-from learnmask.inject import apply_head_gates, find_attention_blocks
-from learnmask.stats import parameters_per_head, remaining_parameters
+from learnmask.inject import apply_head_gates, apply_masks
 
 IDS = torch.randint(5, 100, (3, 9))
 MASK = torch.ones(3, 9, dtype=torch.long).index_fill_(1, torch.tensor([7, 8]), 0)
@@ -21,9 +21,9 @@ def logits(model):
 
 
 def test_finds_every_bert_block():
-    blocks = find_attention_blocks(tiny_bert(layers=3, heads=4))
-    assert [b.out_proj_name for b in blocks] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(3)]
-    assert {b.num_heads for b in blocks} == {4}
+    handle = apply_head_gates(tiny_bert(layers=3, heads=4))
+    assert [layer.name for layer in handle.layers] == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert handle.gates["heads"].shape == (3, 4)
 
 
 @pytest.mark.parametrize("gate", ["open_fixed", "hard_concrete_eval"])
@@ -33,7 +33,7 @@ def test_all_open_gate_reproduces_base_logits(gate):
     g = FixedGate(torch.ones(2, 4)) if gate == "open_fixed" else HardConcreteGate((2, 4), init_log_alpha=5.0)
     handle = apply_head_gates(model, g)
     model.eval()
-    assert torch.equal(handle.gate(), torch.ones(2, 4))
+    assert torch.equal(handle.gates["heads"](), torch.ones(2, 4))
     assert (logits(model) - base).abs().max().item() <= 1e-6
 
 
@@ -43,7 +43,7 @@ def test_remove_restores_model_bit_for_bit():
     base = logits(model)
     handle = apply_head_gates(model, FixedGate(torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])))
     assert not torch.equal(logits(model), base)  # the gate does act
-    assert any(k.startswith("learnmask_head_gate") for k in model.state_dict())
+    assert any(k.startswith("learnmask_gates.heads") for k in model.state_dict())
     handle.remove()
     assert list(model.state_dict()) == list(before_state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before_state.items())
@@ -92,10 +92,10 @@ def test_eval_keeps_exactly_k_heads():
         gate.eval_k = k
         model.eval()
         logits(model)
-        assert int((handle.z > 0).sum()) == k
+        assert int((handle.z["heads"] > 0).sum()) == k
         expected = torch.zeros(12)
         expected[12 - k :] = 1  # the k largest log_alpha are the last k
-        assert torch.equal(handle.z.flatten(), expected)
+        assert torch.equal(handle.z["heads"].flatten(), expected)
 
 
 def test_one_sample_per_forward_shared_by_layers():
@@ -104,10 +104,10 @@ def test_one_sample_per_forward_shared_by_layers():
     model.train()
     seen = []
     for layer in model.bert.encoder.layer:
-        layer.attention.output.dense.register_forward_pre_hook(lambda m, a: seen.append(handle.z))
+        layer.attention.output.dense.register_forward_pre_hook(lambda m, a: seen.append(handle.z["heads"]))
     model(input_ids=IDS, attention_mask=MASK)
     assert seen[0] is seen[1]
-    assert ((handle.z > 0) & (handle.z < 1)).any()  # a training sample, not the eval mask
+    assert ((handle.z["heads"] > 0) & (handle.z["heads"] < 1)).any()  # a training sample, not the eval mask
 
 
 def _eval_gate(values):
@@ -126,25 +126,26 @@ def test_capture_grad_gives_head_importance_values():
     handle.capture_grad = True
     out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 2]))
     out.loss.backward()
-    grad = handle.z.grad.clone()
+    grad = handle.z["heads"].grad.clone()
     # finite-difference check of dL/dz for head 0
     eps = 1e-3
     handle.capture_grad = False
     losses = []
     for sign in (1, -1):
-        handle.set_gate(_eval_gate([[0.5 + sign * eps, 1, 1, 1]]))
+        handle.set_gate("heads", _eval_gate([[0.5 + sign * eps, 1, 1, 1]]))
         with torch.no_grad():
             losses.append(model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 2])).loss.item())
     assert abs((losses[0] - losses[1]) / (2 * eps) - grad[0, 0].item()) < 1e-3
 
 
-def test_parameter_count_of_removed_heads():
+def test_parameter_count_of_removed_heads_is_the_finalized_models():
     model = tiny_bert(layers=2, heads=4, hidden=32)
-    blocks = find_attention_blocks(model)
-    assert parameters_per_head(blocks[0]) == 4 * 32 * 8 + 3 * 8
-    total = sum(p.numel() for p in model.parameters())
     mask = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 0]])
-    assert remaining_parameters(model, blocks, mask) == total - 3 * (4 * 32 * 8 + 3 * 8)
+    handle = apply_head_gates(model, FixedGate(mask))
+    real = sum(p.numel() for p in handle.finalize().parameters())
+    assert handle.remaining_parameters() == real == handle.parameters_for({"heads": mask})
+    total = sum(p.numel() for p in tiny_bert(layers=2, heads=4, hidden=32).parameters())
+    assert real == total - 3 * (4 * 32 * 8 + 3 * 8)  # and the hand count: q, k, v rows + biases, out columns
 
 
 @pytest.mark.parametrize(
@@ -161,15 +162,17 @@ def test_other_architectures_open_gate_is_identity(make, expected):
     with torch.no_grad():
         base = model(input_ids=ids).last_hidden_state
     handle = apply_head_gates(model, FixedGate(torch.ones(2, 4)))
-    assert all(b.out_proj_name.endswith(expected) for b in handle.blocks) and len(handle.blocks) == 2
+    names = {id(m): n for n, m in model.named_modules()}
+    assert all(names[id(layer.attention.out)].endswith(expected) for layer in handle.layers)
+    assert len(handle.layers) == 2
     with torch.no_grad():
         assert (model(input_ids=ids).last_hidden_state - base).abs().max().item() <= 1e-6
-        handle.set_gate(FixedGate(torch.zeros(2, 4)))
+        handle.set_gate("heads", FixedGate(torch.zeros(2, 4)))
         assert not torch.allclose(model(input_ids=ids).last_hidden_state, base)
 
 
 def test_no_attention_blocks_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"no attention blocks found in Sequential; pass target_modules"):
+    with pytest.raises(ValueError, match=r"no attention blocks found in Sequential \(supported: .*\); pass target_modules"):
         apply_head_gates(nn.Sequential(nn.Linear(4, 4)))
 
 
@@ -190,24 +193,26 @@ def test_target_modules_for_a_custom_model():
 
 def test_wrong_gate_shape_and_double_apply_are_errors():
     model = tiny_bert()
-    with pytest.raises(ValueError, match=r"gate has shape \(3, 4\); expected \(layers, heads\) = \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"heads gate has shape \(3, 4\); expected \(2, 4\)"):
         apply_head_gates(model, FixedGate(torch.ones(3, 4)))
     apply_head_gates(model, "hard_concrete")
-    with pytest.raises(ValueError, match="already has head gates"):
+    with pytest.raises(ValueError, match="already has learnmask gates"):
         apply_head_gates(model, "hard_concrete")
+    with pytest.raises(ValueError, match="already has learnmask gates"):  # across the two entry points too
+        apply_masks(model, ffn=True)
 
 
 def test_gate_follows_the_model_mode_when_applied():
     """A model loaded for inference (eval mode) gets its deterministic gate, never samples."""
     model = tiny_bert()  # in eval mode
     handle = apply_head_gates(model, "hard_concrete", init_log_alpha=3.0)
-    assert not handle.gate.training
+    assert not handle.gates["heads"].training
     base = logits(model)
-    assert torch.equal(handle.z, torch.ones(2, 4)) and torch.equal(logits(model), base)
-    handle.set_gate(FixedGate(torch.ones(2, 4)))
-    assert not handle.gate.training
+    assert torch.equal(handle.z["heads"], torch.ones(2, 4)) and torch.equal(logits(model), base)
+    handle.set_gate("heads", FixedGate(torch.ones(2, 4)))
+    assert not handle.gates["heads"].training
     model.train()
-    assert handle.gate.training
+    assert handle.gates["heads"].training
 
 
 def test_multihead_attention_out_proj_as_target_is_refused_not_silently_ungated():
@@ -239,5 +244,5 @@ def test_unregistered_gate_on_a_sequential_follows_eval_mode():
     x = torch.randn(3, 16)
     with torch.no_grad():
         first, second = model(x), model(x)
-    assert not handle.gate.training
+    assert not handle.gates["heads"].training
     assert torch.equal(first, second)

@@ -12,13 +12,17 @@ def test_readme_python_example_runs():
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     model = tiny_bert(num_labels=2, layers=2, heads=4)
     batches = [{"input_ids": torch.randint(5, 100, (4, 6)), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(2)]
-    code = code.replace("LinearWarmup(0.9", "LinearWarmup(0.5").replace("eval_k = 7", "eval_k = 3").replace("mask(7)", "mask(3)")
+    code = code.replace("LinearWarmup(0.9", "LinearWarmup(0.5").replace("eval_k = 7", "eval_k = 3")
     namespace = {"model": model, "batches": batches, "print": lambda *a: None}
     exec(compile(code, "README.md", "exec"), namespace)
     handle = namespace["handle"]
-    assert not hasattr(model, "learnmask_head_gate") and not model._forward_pre_hooks
-    assert int(handle.gate.deterministic_mask(3).sum()) == 3
+    assert not hasattr(model, "learnmask_gates") and not model._forward_pre_hooks
+    assert model.config._attn_implementation == "sdpa"  # switched back by remove()
+    assert int(handle.gates["heads"].deterministic_mask(3).sum()) == 3
     assert namespace["controller"].step_count == 2
+    small = namespace["small"]  # the finalize() of the example removed the closed heads for real
+    dense = sum(p.numel() for p in tiny_bert(num_labels=2, layers=2, heads=4).parameters())
+    assert sum(p.numel() for p in small.parameters()) == handle.remaining_parameters() < dense
 
 
 def _block(marker: str) -> str:
@@ -26,15 +30,28 @@ def _block(marker: str) -> str:
     return next(code for code in re.findall(r"```python\n(.*?)```", text, re.S) if marker in code)
 
 
-def test_readme_pruning_example_runs_and_the_saved_model_loads(tmp_path, monkeypatch):
+def test_readme_pruning_example_removes_what_the_gates_closed(tmp_path, monkeypatch):
+    """The example's "train" comment is replaced by closing heads and FFN units, so finalize has
+    something to remove: the pruned model is smaller, by exactly the handle's count, and equal to
+    the gated model in eval."""
     monkeypatch.chdir(tmp_path)
     model = tiny_bert(num_labels=2, layers=2, heads=4)
+    dense = sum(p.numel() for p in model.parameters())
+    code = _block("lm.finalize(handle)").replace(
+        "# ... train with loss + controller.penalty(handle.expected_parameter_sparsity()) as above ...",
+        "with torch.no_grad():\n"
+        "    handle.gates['heads'].log_alpha[0, :2] = -5.0\n"
+        "    handle.gates['ffn'].log_alpha[1, :40] = -5.0")
+    assert "log_alpha[0, :2]" in code
     namespace = {"model": model, "print": lambda *a: None}
-    exec(compile(_block("finalize(handle)"), "README.md", "exec"), namespace)
-    loaded = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    exec(compile(code, "README.md", "exec"), namespace)
+    small, handle = namespace["small"], namespace["handle"]
+    assert sum(p.numel() for p in small.parameters()) == handle.remaining_parameters() < dense
+    assert small.bert.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert small.bert.encoder.layer[1].intermediate.dense.out_features == 64 - 40
     ids = torch.randint(5, 100, (2, 7))
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert (small(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
 def test_readme_attention_example_runs_and_matches_the_reference():
@@ -42,6 +59,7 @@ def test_readme_attention_example_runs_and_matches_the_reference():
     exec(compile(_block("masked_attention("), "README.md", "exec"), namespace)
     from learnmask.ops import masked_attention
 
+    assert "lm.masked_attention(" in _block("masked_attention(")
     q, k, v, mask, gate = (namespace[name] for name in ("q", "k", "v", "mask", "token_gate"))
     golden = masked_attention(q, k, v, mask=mask, token_gate=gate, backend="reference")
     assert torch.allclose(namespace["out"], golden, atol=1e-5)
@@ -87,7 +105,7 @@ def test_readme_custom_model_example_prunes_heads_and_units():
     torch.manual_seed(0)
     model = Model().eval()
     namespace = {"model": model}
-    code = _block("ffn_up_modules=").replace("small = finalize(handle)", "")
+    code = _block("ffn_up_modules=").replace("small = lm.finalize(handle)", "")
     exec(compile(code, "README.md", "exec"), namespace)
     handle = namespace["handle"]
     with torch.no_grad():
@@ -96,7 +114,7 @@ def test_readme_custom_model_example_prunes_heads_and_units():
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         gated = model(x)
-        small = namespace["finalize"](handle)
+        small = namespace["lm"].finalize(handle)
         assert (small(x) - gated).abs().max().item() <= 1e-5
     assert [b.attn.num_heads for b in small.blocks] == [2, 3] and small.blocks[0].attn.q.out_features == 8
     assert small.blocks[0].mlp.fc1.out_features == 25  # log_alpha <= -2.398 closes a unit: 7 of 32

@@ -129,7 +129,7 @@ def test_non_finite_loss_skips_the_step_and_leaves_controller_state(tiny, tmp_pa
     batch = next(recipe.batches(prepared.train, list(range(16)), 16, 0))
     prepared.model.train()
     trainer._train_step(dict(batch))
-    trainer.controller.penalty(prepared.handle.expected_sparsity())  # as _train_step does before the check
+    trainer.controller.penalty(prepared.handle.expected_unit_sparsity("heads"))  # as _train_step does before the check
     state = dict(trainer.controller.state_dict())
     weights = {k: v.clone() for k, v in prepared.model.state_dict().items()}
     original = type(prepared.model).forward

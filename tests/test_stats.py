@@ -42,14 +42,14 @@ def test_expected_parameters_are_differentiable_and_exact_at_the_corners():
     for name, gate in handle.gates.items():
         assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0, name
         assert torch.all(gate.log_alpha.grad >= 0)  # opening a gate never lowers the count
-    sparsity = handle.expected_sparsity()
+    sparsity = handle.expected_parameter_sparsity()
     assert 0 < sparsity.item() < 1 and sparsity.requires_grad
     # all open: nothing removed; all closed heads+ffn: exactly their parameters removed
     dense = handle.dense_parameters()
     assert handle.parameters_for({}) == dense
     bert = zoo.make("bert")
     h = apply_masks(bert, heads=True, ffn=True, gate="fixed")
-    assert h.expected_sparsity().item() == 0 and h.expected_remaining_parameters().item() == h.dense_parameters()
+    assert h.expected_parameter_sparsity().item() == 0 and h.expected_remaining_parameters().item() == h.dense_parameters()
     closed = {"heads": torch.zeros(2, 4), "ffn": torch.zeros(2, 64)}
     per_layer_removed = 4 * (4 * 32 * 8 + 3 * 8) + 64 * (2 * 32 + 1)  # BERT heads and FFN units
     assert h.parameters_for(closed) == h.dense_parameters() - 2 * per_layer_removed
@@ -61,7 +61,7 @@ def test_prunable_and_sparsity_definition():
     per_head = 4 * 32 * 8 + 3 * 8
     layer = 4 * per_head + 32 + (32 * 64 + 64 + 64 * 32 + 32) + 4 * 32  # heads, out bias, FFN, 2 LayerNorms
     assert handle.prunable_parameters() == 2 * layer
-    assert handle.expected_sparsity().item() == pytest.approx(2 * per_head / (2 * layer))
+    assert handle.expected_parameter_sparsity().item() == pytest.approx(2 * per_head / (2 * layer))
     assert handle.remaining_parameters() == handle.dense_parameters() - 2 * per_head
 
 

@@ -34,7 +34,6 @@ from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, fi
 from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (bias_of, drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
-from learnmask.inject.heads import HeadGateHandle
 from learnmask.inject.custom import custom_layers
 from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
 from learnmask.export.hidden import prune_hidden
@@ -133,21 +132,16 @@ def prune_layers(layers: list[LayerSpec], masks: dict[str, Tensor]) -> None:
                        float(_row(masks, "ffn_blocks", row, None)))
 
 
-def _handle_of(model: nn.Module) -> MaskHandle | HeadGateHandle:
+def _handle_of(model: nn.Module) -> MaskHandle:
     """The handle whose gates ``model`` carries (found through its sampling hook)."""
     for hook in model._forward_pre_hooks.values():
         if isinstance(hook, hooks.SampleGates):
             return hook.handle
-        if isinstance(getattr(hook, "__self__", None), HeadGateHandle):
-            return hook.__self__
-    raise ValueError(f"{type(model).__name__} carries no learnmask gates; gate it with apply_masks or "
-                     "apply_head_gates first (or pass the handle)")
+    raise ValueError(f"{type(model).__name__} carries no learnmask gates; gate it with apply_masks first "
+                     "(or pass the handle)")
 
 
-def _masks_and_names(handle) -> tuple[dict[str, Tensor], list[str] | None]:
-    if isinstance(handle, HeadGateHandle):
-        gate = handle.gate
-        return {"heads": gate.deterministic_mask(gate.eval_k).detach()}, None
+def _masks_and_names(handle: MaskHandle) -> tuple[dict[str, Tensor], list[str]]:
     if any(layer.arch == "custom" for layer in handle.layers):
         config, gated = handle.config, set(handle.gates)
         missing = [f"{field} (for {base})" for field, base, needs in (
@@ -160,17 +154,17 @@ def _masks_and_names(handle) -> tuple[dict[str, Tensor], list[str] | None]:
 
 
 def _layers_of(model: nn.Module, handle) -> list[LayerSpec]:
-    if isinstance(handle, MaskHandle) and any(layer.arch == "custom" for layer in handle.layers):
+    if any(layer.arch == "custom" for layer in handle.layers):
         return custom_layers(model, handle.config)
     return find_layers(model)
 
 
-def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool = False) -> nn.Module:
+def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Module:
     """A plain model with the gates' eval masks baked in and everything closed removed.
 
     Args:
-        target: the handle from :func:`~learnmask.inject.apply_masks` (any granularity) or
-            :func:`~learnmask.inject.apply_head_gates` (heads), or the gated model itself.
+        target: the handle from :func:`~learnmask.inject.apply_masks` (any granularity), or the
+            gated model itself.
         inplace: prune the gated model itself (its gates are removed first) instead of a copy.
 
     Returns:
@@ -190,8 +184,7 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
     Raises:
         ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
             without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
-            and up projections are), or head gates on blocks that are not the layers of a
-            supported architecture.
+            and up projections are), or a model whose layers changed since it was gated.
     """
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
     masks, names = _masks_and_names(handle)
@@ -204,17 +197,11 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         with handle.detached():
             model = copy.deepcopy(handle.model)
         hooks.strip(model)
-        for attribute in (GATES_ATTRIBUTE, "learnmask_head_gate"):
-            if hasattr(model, attribute):
-                delattr(model, attribute)
+        if hasattr(model, GATES_ATTRIBUTE):
+            delattr(model, GATES_ATTRIBUTE)
     layers = _layers_of(model, handle)
     found = [layer.name for layer in layers]
-    if names is None:  # head gates: one block per layer, in the same order
-        blocks = [block.name for block in handle.blocks]
-        if len(blocks) != len(found) or any(not b.startswith(layer + ".") for b, layer in zip(blocks, found)):
-            raise ValueError(f"head gates sit on {[b.name for b in handle.blocks]}, which are not the layers "
-                             f"{found} of a supported architecture; finalize cannot remove them")
-    elif found != names:
+    if found != names:
         raise ValueError(f"the model's layers changed since gating: {found} != {names}")
     if "hidden" in masks:
         prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())

@@ -1,15 +1,16 @@
-"""Plug gates into a model as it is, with hooks and parametrizations (never by forking its classes).
+"""Plug gates into a model as it is, with hooks, parametrizations and learnmask's attention
+function (never by forking its classes).
 
-``apply_head_gates`` gates attention heads only (the API the training recipe uses);
 ``apply_masks`` gates heads, FFN units, hidden dimensions and whole blocks of every supported
-architecture and returns a :class:`MaskHandle`.
+architecture and returns a :class:`MaskHandle`; ``apply_head_gates`` is its heads-only form.
 """
 from learnmask.inject.architectures import SUPPORTED, LayerSpec, find_layers
-from learnmask.inject.config import GRANULARITIES, MaskConfig
-from learnmask.inject.heads import AttentionBlock, HeadGateHandle, apply_head_gates, find_attention_blocks
+from learnmask.inject.config import ATTENTION_MODES, GRANULARITIES, MaskConfig
+from learnmask.inject.heads import apply_head_gates
+from learnmask.inject.hf_attention import AttentionPath
 from learnmask.inject.masks import MaskHandle, apply_masks
 
 __all__ = [
-    "AttentionBlock", "HeadGateHandle", "apply_head_gates", "find_attention_blocks",
+    "apply_head_gates", "ATTENTION_MODES", "AttentionPath",
     "GRANULARITIES", "MaskConfig", "MaskHandle", "apply_masks", "LayerSpec", "find_layers", "SUPPORTED",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 #: per FFN intermediate unit ``(L, I)``, per hidden dimension ``(d,)``, per whole attention
 #: block ``(L,)`` and per whole FFN block ``(L,)`` (CoFi pruning, Xia, Zhong & Chen 2022).
 GRANULARITIES = ("heads", "ffn", "hidden", "attention_blocks", "ffn_blocks")
+#: How gated attention blocks attend: see :class:`MaskConfig`'s ``attention``.
+ATTENTION_MODES = ("auto", "op", "hooks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +37,20 @@ class MaskConfig:
             modules (each the parent of its output projection) holding the head count, which
             ``finalize`` sets to the heads kept where a module has it; None when every module
             reads the count from shapes.
+        attention: how gated attention blocks attend. ``"auto"`` (default): Hugging Face models
+            whose attention goes through transformers' attention interface (BERT, RoBERTa,
+            DistilBERT, GPT-2, ViT, Llama) attend through :func:`learnmask.ops.masked_attention`
+            with head gates fused; every other block keeps the model's own attention with gates
+            by hooks (the handle's ``attention_paths`` says which and why). ``"op"``: the op for
+            every gated block, an error naming why where it cannot be. ``"hooks"``: hooks only.
+        backend: the op's backend for routed blocks (``"auto"`` or a registered name:
+            ``"triton"``, ``"flex"``, ``"blocks"``, ``"sdpa"``, ``"reference"``).
 
     Raises:
         ValueError: no granularity on, a non-bool flag, ``target_modules`` without
             ``num_heads`` (or a ``num_heads`` that is not a positive int), projection lists that
-            do not have one entry per layer, a module named twice, or (in :meth:`from_dict`) an
-            unknown key.
+            do not have one entry per layer, a module named twice, an unknown ``attention`` mode,
+            a ``backend`` that is not a name, or (in :meth:`from_dict`) an unknown key.
     """
 
     heads: bool = True
@@ -56,6 +66,8 @@ class MaskConfig:
     qkv_modules: tuple[tuple[str, ...], ...] | None = None
     ffn_up_modules: tuple[tuple[str, ...], ...] | None = None
     head_count_attribute: str | None = None
+    attention: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in GRANULARITIES:
@@ -95,6 +107,10 @@ class MaskConfig:
                                                       or self.qkv_modules is None):
             raise ValueError(f"head_count_attribute must be an attribute name given with qkv_modules; "
                              f"got {self.head_count_attribute!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}; got {self.attention!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be 'auto' or a registered backend name; got {self.backend!r}")
         object.__setattr__(self, "gate_options", dict(self.gate_options))
 
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, Rows
+from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, Rows, is_mha
 from learnmask.inject.config import MaskConfig
 from learnmask.inject.layout import in_features, is_linear_like, out_features
 
@@ -77,13 +77,19 @@ def custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
     """The layers of a model gated through ``target_modules``/``ffn_modules`` (any model).
 
     Raises:
-        ValueError: a name not in the model, lists of different lengths, or widths that do not
-            fit (heads, q/k/v, FFN up projections; the message names the module).
+        ValueError: a name not in the model, lists of different lengths, widths that do not fit
+            (heads, q/k/v, FFN up projections; the message names the module), or the output
+            projection of an ``nn.MultiheadAttention`` (never called: a hook would gate nothing).
     """
     modules = dict(model.named_modules())
     names = (config.target_modules or ()) + (config.ffn_modules or ())
     for group in (config.qkv_modules or ()) + (config.ffn_up_modules or ()):
         names += group
+    for name in config.target_modules or ():
+        if is_mha(modules.get(name.rpartition(".")[0])):
+            raise ValueError(f"{name!r} is the out_proj of an nn.MultiheadAttention, which uses its weight directly "
+                             "(the module is never called), so a hook there would gate nothing; gate it without "
+                             "target_modules: apply_masks(model, heads=True) gates it by a parametrization")
     for name in names:
         if name not in modules:
             raise ValueError(f"target module {name!r} not found in {type(model).__name__}")

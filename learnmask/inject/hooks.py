@@ -32,6 +32,8 @@ class SampleGates(LearnmaskHook):
     """Forward pre-hook on the model: one sample of every gate per forward pass."""
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not self.handle.registered:  # gates kept off the model do not see model.eval()
+            self.handle.gates.train(module.training)
         self.handle.sample()
 
 
@@ -132,11 +134,15 @@ def parametrize_tensor(module: nn.Module, name: str, parametrization: nn.Module)
 
 
 def strip(model: nn.Module) -> None:
-    """Drop every learnmask hook and parametrization from ``model`` (in place).
+    """Drop every learnmask hook, parametrization and attention route from ``model`` (in place).
 
     Parametrized tensors get their original values back (``leave_parametrized=False``), so the
-    model is bit-identical to the one the hooks were put on.
+    model is bit-identical to the one the hooks were put on; attention switched to learnmask's
+    function goes back to ``"sdpa"`` (:func:`learnmask.inject.hf_attention.unroute`).
     """
+    from learnmask.inject.hf_attention import unroute
+
+    unroute(model)
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, hook in hooks.items() if isinstance(hook, LearnmaskHook)]:

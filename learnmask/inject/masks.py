@@ -8,6 +8,7 @@ ffn_blocks ``(L,)``.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from learnmask.gates import Gate, make_gate
+from learnmask.inject import hf_attention as hf
 from learnmask.inject import hooks as H
 from learnmask.inject.architectures import SUPPORTED, LayerSpec, find_layers
 from learnmask.inject.config import MaskConfig
@@ -76,12 +78,55 @@ class _NoNestedTensor:
         self.encoder.use_nested_tensor = True
 
 
+def _attention_paths(model: nn.Module, layers: list[LayerSpec], mode: str) -> dict[str, hf.AttentionPath]:
+    """How each layer with an attention block attends (see ``MaskConfig.attention``).
+
+    Raises:
+        ValueError: ``mode == "op"`` and some layer cannot attend through the op (the reasons).
+    """
+    paths = {}
+    for layer in layers:
+        if layer.attention is None:
+            continue
+        reason = "attention='hooks' was asked for" if mode == "hooks" else hf.route_reason(model, layer)
+        paths[layer.name] = hf.AttentionPath("hooks", reason) if reason else hf.AttentionPath("op")
+    refused = {name: path.reason for name, path in paths.items() if path.path == "hooks"}
+    if mode == "op" and refused:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in refused.items())
+        raise ValueError(f"attention='op': these attention blocks of {type(model).__name__} cannot attend through "
+                         f"learnmask's masked-attention op:\n{lines}\nuse attention='auto' to gate them by hooks")
+    return paths
+
+
+def _check_backend(backend):
+    """``backend`` if it is ``"auto"``, a registered backend's name or a backend object.
+
+    Raises:
+        ValueError: an unknown name (the op's own message lists the known ones).
+        TypeError: neither a name nor an ``AttentionBackend``.
+    """
+    from learnmask.ops import AttentionBackend, get_backend
+
+    if isinstance(backend, str):
+        if backend != "auto":
+            get_backend(backend)
+        return backend
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"backend must be 'auto', a registered backend name or an AttentionBackend; got {backend!r}")
+    return backend
+
+
 class MaskHandle:
     """Gates attached to a model by :func:`apply_masks`.
 
     Attributes:
         model: the gated model.
         layers: the :class:`LayerSpec` of every gated layer, in model order.
+        attention_paths: layer name -> :class:`~learnmask.inject.hf_attention.AttentionPath`:
+            ``"op"`` (attends through :func:`learnmask.ops.masked_attention`, head gates fused)
+            or ``"hooks"`` with the reason, for every layer with an attention block.
+        backend: the op's backend for routed blocks (``"auto"``, a registered name or a backend
+            object); may be changed at any time.
         gates: ``nn.ModuleDict`` granularity name -> :class:`Gate`; registered on the model as
             ``learnmask_gates`` (unless the model is an ``nn.Sequential``), so the gates move,
             save and load with it.
@@ -97,12 +142,23 @@ class MaskHandle:
         self.z: dict[str, Tensor] = {}
         self.capture_grad = False
         self.registered = register
+        self.attention_paths = _attention_paths(model, layers, config.attention)
+        self._backend = _check_backend(config.backend)
         self._costs = [layer_costs(layer) for layer in layers]
         self._hooks: list[Any] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
         if register:
             setattr(model, GATES_ATTRIBUTE, self.gates)
         self._attach()
+
+    def __deepcopy__(self, memo: dict) -> MaskHandle:
+        """A copy (with its model, when copied as part of it) without the last pass's gate values,
+        which are not graph leaves after a training forward and cannot be deep-copied."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in self.__dict__.items():
+            twin.__dict__[key] = {} if key == "z" else copy.deepcopy(value, memo)
+        return twin
 
     # -- attaching -------------------------------------------------------------------------
 
@@ -112,15 +168,19 @@ class MaskHandle:
         for module in self.model.modules():  # nested tensors cannot pass the gates' hooks
             if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
                 self._hooks.append(_NoNestedTensor(module))
+        routes = {}
         for row, layer in enumerate(self.layers):
             att, ffn = layer.attention, layer.ffn
+            routed = att is not None and self.attention_paths[layer.name].path == "op"
+            if routed:
+                routes[hf.attention_module(layer)] = hf.Route(self, row)
             if att is not None and att.functional_out and on & {"heads", "attention_blocks"}:
                 weight = H.OutProjParametrization(self, row, att.head_dim, "heads" in on, "attention_blocks" in on)
                 self._parametrize(att.out, "weight", weight)
                 if "attention_blocks" in on and bias_of(att.out) is not None:
                     self._parametrize(att.out, "bias", H.BiasParametrization(self, row))
             elif att is not None:
-                if "heads" in on:
+                if "heads" in on and not routed:  # routed: the op applies them as head_gate
                     self._pre(att.out, H.ScaleInputUnits(self, "heads", row, att.head_dim))
                 if "attention_blocks" in on:
                     self._hooks.append(att.out.register_forward_hook(H.ScaleOutput(self, "attention_blocks", row)))
@@ -131,6 +191,8 @@ class MaskHandle:
         if "hidden" in on:
             for norm in self.hidden_stream.norms:
                 self._hooks.append(norm.register_forward_hook(H.NormOverKept(self, "hidden")))
+        if routes:
+            self._hooks.append(hf.Switch(routes, hf.configs_of(self.model, list(routes))))
 
     def _pre(self, module: nn.Module, hook: H.LearnmaskHook) -> None:
         self._hooks.append(module.register_forward_pre_hook(hook))
@@ -213,9 +275,31 @@ class MaskHandle:
         """``()`` expected parameters left after pruning, differentiable in the gate logits."""
         return self.dense_parameters() - self.prunable_parameters() + self._prunable(self._keep_probabilities())
 
-    def expected_sparsity(self) -> Tensor:
-        """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable."""
+    def expected_parameter_sparsity(self) -> Tensor:
+        """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable
+        in the gate logits (see :meth:`prunable_parameters` for what is prunable)."""
         return 1.0 - self._prunable(self._keep_probabilities()) / self.prunable_parameters()
+
+    def expected_unit_sparsity(self, name: str = "heads") -> Tensor:
+        """``()`` expected fraction of the units of granularity ``name`` closed (heads, FFN units,
+        hidden dims or blocks), in [0, 1], differentiable: ``1 - mean P(z > 0)``.
+
+        Raises:
+            ValueError: ``name`` is not gated.
+        """
+        if name not in self.gates:
+            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
+        return 1.0 - self.gates[name].keep_ratio()
+
+    @property
+    def backend(self):
+        """The op's backend for routed blocks: ``"auto"``, a registered backend name or an
+        ``AttentionBackend`` object (say, ``TritonBackend(cpu_interpreter=True)`` in tests)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend) -> None:
+        self._backend = _check_backend(backend)
 
     def remaining_parameters(self) -> int:
         """Parameters ``finalize`` keeps under the eval masks: :meth:`parameters_for` them, plus
@@ -289,8 +373,15 @@ class MaskHandle:
         finally:
             self.attach()
 
+    def finalize(self, *, inplace: bool = False) -> nn.Module:
+        """The pruned plain model: :func:`learnmask.export.finalize` of this handle."""
+        from learnmask.export import finalize
+
+        return finalize(self, inplace=inplace)
+
     def remove(self) -> None:
-        """Take every hook, parametrization and gate off; the model is then bit-identical."""
+        """Take every hook, parametrization, route and gate off; the model is then bit-identical
+        (its attention implementation switched back)."""
         self.detach()
         if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
             delattr(self.model, GATES_ATTRIBUTE)

@@ -18,11 +18,10 @@ from torch.utils.tensorboard import SummaryWriter
 from learnmask.control import FixedPenalty, LagrangianController, PIController, control_metrics, make_schedule
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
-from learnmask.inject import HeadGateHandle, apply_head_gates, find_attention_blocks
+from learnmask.inject import MaskHandle, apply_head_gates, find_layers
 from learnmask.io import atomic_torch_save
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.model import EncodedTexts, accuracy, batches, bucketed_order, encode, freeze_parameters, load_classifier
-from learnmask.stats import count_parameters, remaining_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class Prepared:
     """Model, data and gates of one run, before training."""
 
     model: torch.nn.Module
-    handle: HeadGateHandle | None
+    handle: MaskHandle | None
     train: EncodedTexts
     test: EncodedTexts
     pad_id: int
@@ -71,7 +70,7 @@ def _load(cfg: RunConfig):
     return model, train, test, tokenizer.pad_token_id
 
 
-def head_importance(model, handle: HeadGateHandle, data: EncodedTexts, pad_id: int, batch_size: int) -> torch.Tensor:
+def head_importance(model, handle: MaskHandle, data: EncodedTexts, pad_id: int, batch_size: int) -> torch.Tensor:
     """Head importance of Michel, Levy & Neubig (2019), ``(L, H)``, each layer's row L2-normalised.
 
     ``I_h = sum over batches of |∂L/∂z_h|`` at the open gate ``z = 1`` in eval mode (per-batch
@@ -79,11 +78,11 @@ def head_importance(model, handle: HeadGateHandle, data: EncodedTexts, pad_id: i
     """
     model.eval()
     handle.capture_grad = True
-    scores = torch.zeros_like(handle.gate.log_alpha, dtype=torch.float32)
+    scores = torch.zeros_like(handle.gates["heads"].log_alpha, dtype=torch.float32)
     try:
         for batch in batches(data, list(range(len(data))), batch_size, pad_id):
             model(**batch).loss.backward()
-            scores += handle.z.grad.abs()
+            scores += handle.z["heads"].grad.abs()
     finally:
         handle.capture_grad = False
         model.zero_grad(set_to_none=True)
@@ -99,8 +98,8 @@ def prepare(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | None =
     model, train, test, pad_id = _load(cfg)
     if cfg.method == "dense":
         return Prepared(model, None, train, test, pad_id, cfg.epochs, {})
-    blocks = find_attention_blocks(model)
-    shape = (len(blocks), blocks[0].num_heads)
+    layers = find_layers(model)
+    shape = (len(layers), layers[0].attention.num_heads)
     keep = keep_count(shape[0] * shape[1], cfg.target_sparsity)
     extra = {}
     if cfg.method == "hard_concrete":
@@ -114,7 +113,7 @@ def prepare(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | None =
         model.load_state_dict(dense_weights(dense_twin(cfg), cache_dir, progress))
         handle = apply_head_gates(model, FixedGate(torch.ones(shape)))
         scores = head_importance(model, handle, train, pad_id, cfg.batch_size)
-        handle.set_gate(FixedGate.from_scores(scores, keep=keep))
+        handle.set_gate("heads", FixedGate.from_scores(scores, keep=keep))
         extra["accuracy_before_retraining"] = accuracy(model, test, pad_id)
         extra["importance"] = scores.tolist()
     epochs = cfg.importance_epochs if cfg.method == "importance" else cfg.epochs
@@ -177,7 +176,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [self._base_lr] + [lambda _: 1.0] * (len(groups) - 1))
         handle = prepared.handle
-        self.heads_total = handle.gate.log_alpha.numel() if handle else 0
+        self.heads_total = handle.gates["heads"].numel if handle else 0
         self.keep = keep_count(self.heads_total, cfg.target_sparsity)
         target = make_schedule(cfg.sparsity_schedule, cfg.target_sparsity, int(cfg.sparsity_warmup * self.total_steps))
         self.target = target
@@ -211,18 +210,18 @@ class Trainer:
         return self.fix_step is not None and self.step >= self.fix_step
 
     def _fix_mask(self) -> None:
-        gate = self.p.handle.gate
+        gate = self.p.handle.gates["heads"]
         if not isinstance(gate, FixedGate):
-            self.p.handle.set_gate(FixedGate(gate.deterministic_mask(self.keep).detach()))
+            self.p.handle.set_gate("heads", FixedGate(gate.deterministic_mask(self.keep).detach()))
 
     def _train_step(self, batch: dict) -> float:
         handle, model = self.p.handle, self.p.model
         if self.cfg.method == "topk" and not self.fixed:
-            handle.gate.k = keep_count(self.heads_total, self.target(self.step))
+            handle.gates["heads"].k = keep_count(self.heads_total, self.target(self.step))
         loss = model(**batch).loss
         task_loss = loss.item()
         if self.controller is not None and not self.fixed:
-            sparsity = handle.expected_sparsity()
+            sparsity = handle.expected_unit_sparsity("heads")
             loss = loss + self.controller.penalty(sparsity)
             self.sparsity_history.append(sparsity.item())
             self.target_history.append(self.target(self.step))
@@ -245,7 +244,7 @@ class Trainer:
         handle = self.p.handle
         if handle is None:
             return
-        w.add_scalar("sparsity/expected", handle.expected_sparsity().item(), step)
+        w.add_scalar("sparsity/expected", handle.expected_unit_sparsity("heads").item(), step)
         w.add_scalar("sparsity/target", self.target(step), step)
         if self.controller is not None and not self.fixed:  # multipliers, penalty, P/I terms
             for name, value in self.controller.last_metrics().items():
@@ -291,7 +290,7 @@ class Trainer:
         return self._seconds_before + time.perf_counter() - self._started
 
     def _checkpoint(self) -> None:
-        gate = self.p.handle.gate if self.p.handle else None
+        gate = self.p.handle.gates["heads"] if self.p.handle else None
         state = {
             "step": self.step,
             "model": self.p.model.state_dict(),
@@ -314,7 +313,7 @@ class Trainer:
         if state["key"] != self.cfg.key():
             raise ValueError(f"{path} belongs to run {state['key']}, not {self.cfg.key()}; remove it or use another folder")
         if state["fixed_mask"] is not None:
-            self.p.handle.set_gate(FixedGate(state["fixed_mask"]))
+            self.p.handle.set_gate("heads", FixedGate(state["fixed_mask"]))
         self.p.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -329,16 +328,16 @@ class Trainer:
     def final_metrics(self) -> dict:
         """Sparsity and size of the model as evaluated (deterministic mask, exactly ``keep`` heads)."""
         model, handle = self.p.model, self.p.handle
-        dense = count_parameters(model, handle.gate if handle else None)
+        dense = handle.dense_parameters() if handle else sum(p.numel() for p in model.parameters())
         if handle is None:
             return {"realized_sparsity": 0.0, "heads_kept": None, "heads_total": None,
                     "parameters": dense, "parameters_dense": dense, "epochs": self.cfg.total_epochs()}
         self._fix_mask()
-        mask = handle.gate.deterministic_mask()
+        mask = handle.gates["heads"].deterministic_mask()
         kept = int((mask > 0).sum())
         metrics = {
             "realized_sparsity": 1 - kept / self.heads_total, "heads_kept": kept, "heads_total": self.heads_total,
-            "parameters": remaining_parameters(model, handle.blocks, mask, exclude=handle.gate),
+            "parameters": handle.parameters_for({"heads": mask}),
             "parameters_dense": dense, "epochs": self.cfg.total_epochs(), "head_mask": mask.int().tolist(),
         }
         if self.controller is not None:
