@@ -35,7 +35,7 @@ from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (bias_of, drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
 from learnmask.inject.custom import custom_layers
-from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
+from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
 from learnmask.export.hidden import prune_hidden
 
 
