@@ -31,10 +31,14 @@ def test_readme_pruning_example_runs_and_the_saved_model_loads(tmp_path, monkeyp
     model = tiny_bert(num_labels=2, layers=2, heads=4)
     namespace = {"model": model, "print": lambda *a: None}
     exec(compile(_block("finalize(handle)"), "README.md", "exec"), namespace)
-    loaded = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    assert (tmp_path / "pruned" / "model.safetensors").is_file() and (tmp_path / "pruned" / "pruning.json").is_file()
+    from learnmask.export import finalize
+
     ids = torch.randint(5, 100, (2, 7))
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        expected = finalize(namespace["handle"])(input_ids=ids).logits
+        assert torch.equal(namespace["small"](input_ids=ids).logits, expected)
+        assert torch.allclose(expected, model(input_ids=ids).logits, atol=1e-5)
 
 
 def test_readme_attention_example_runs_and_matches_the_reference():
