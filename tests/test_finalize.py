@@ -196,3 +196,10 @@ def test_the_record_survives_deepcopy_of_a_rebuilt_multihead_attention():
     plain = finalize(apply_masks(mha, heads=True, gates={"heads": FixedGate(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))}))
     assert type(plain).__name__ == "PrunedMultiheadAttention"
     assert copy.deepcopy(plain).learnmask_pruning["layers"][0]["attention"]["kept"] == [0, 2]
+
+
+@pytest.mark.parametrize("target", [None, "model", 3, [torch.nn.Linear(2, 2)]])
+def test_finalize_of_something_else_says_what_it_expects(target):
+    with pytest.raises(TypeError, match=r"finalize expects the handle of apply_masks .* or the gated model "
+                                        rf"\(an nn.Module\); got {type(target).__name__}"):
+        finalize(target)

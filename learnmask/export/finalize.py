@@ -190,11 +190,15 @@ def finalize(target: MaskHandle | HeadGateHandle | nn.Module, *, inplace: bool =
         the original sizes, so ``save_pretrained``/``from_pretrained`` alone cannot).
 
     Raises:
+        TypeError: ``target`` is neither a handle nor a model (``None``, say).
         ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
             without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
             and up projections are), or head gates on blocks that are not the layers of a
             supported architecture.
     """
+    if not isinstance(target, (MaskHandle, HeadGateHandle, nn.Module)):
+        raise TypeError(f"finalize expects the handle of apply_masks (or apply_head_gates), or the gated model "
+                        f"(an nn.Module); got {type(target).__name__}")
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
     masks, names = _masks_and_names(handle)
     if inplace:
