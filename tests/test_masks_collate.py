@@ -245,3 +245,8 @@ def test_an_explicit_pad_token_id_takes_priority_over_the_tokenizers():
     batch = collator([{"input_ids": [101, 2000, 102]}, {"input_ids": [101, 102]}])
     assert batch["input_ids"][1].tolist() == [101, 102, 999]
     assert batch["attention_mask"][1].tolist() == [1, 1, 0]
+
+
+def test_tokenize_for_mlm_of_no_text_is_no_example():
+    assert tokenize_for_mlm(minilm_tokenizer(), []) == []
+    assert tokenize_for_mlm(minilm_tokenizer(), [], offsets=True, max_length=8) == []

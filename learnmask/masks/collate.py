@@ -98,7 +98,7 @@ def tokenize_for_mlm(tokenizer, texts: Sequence[str], *, max_length: int | None 
     """Tokenize texts into collator examples with per-example word ids, from any fast tokenizer.
 
     Returns:
-        one dict per text: ``input_ids``, ``attention_mask``, ``special_tokens_mask`` (and
+        one dict per text (``[]`` for no text): ``input_ids``, ``attention_mask``, ``special_tokens_mask`` (and
         ``token_type_ids`` when the tokenizer makes them),
         ``word_ids`` (``-1`` = no word; from ``word_ids()``, never from token strings), and
         with ``offsets=True`` also ``offset_mapping`` and ``text``.
@@ -109,6 +109,8 @@ def tokenize_for_mlm(tokenizer, texts: Sequence[str], *, max_length: int | None 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer, so it has no word alignment; "
                          "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    if not texts:
+        return []
     encoding = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length,
                          return_special_tokens_mask=True, return_offsets_mapping=offsets)
     examples = []
