@@ -303,3 +303,14 @@ def test_a_torch_module_that_its_constructor_arguments_do_not_describe(tmp_path)
     plain = finalize(apply_masks(encoder, heads=True))
     with pytest.raises(ValueError, match=r"differs from it \(first difference: layers.1.linear2.bias"):
         save_pruned(plain, tmp_path)
+
+
+def test_a_model_changed_after_finalize_is_refused(tmp_path):
+    plain = finalize(gated("distilbert", closed=False)[1])
+    del plain.distilbert.transformer.layer[1]
+    with pytest.raises(ValueError, match=r"are not the ones finalize recorded .*changed after finalize"):
+        save_pruned(plain, tmp_path)
+    plain = finalize(gated("vit", closed=False)[1])
+    plain.vit.layers[0].mlp.fc2 = nn.Linear(3, 32)
+    with pytest.raises(ValueError, match=r"vit.layers.0.s ffn has 3 units but finalize recorded"):
+        save_pruned(plain, tmp_path)

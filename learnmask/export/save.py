@@ -57,6 +57,9 @@ def _record_to_save(model: nn.Module) -> dict:
     if any("learnmask" in key or ".parametrizations." in key for key in model.state_dict()):
         raise ValueError(f"{name} carries learnmask gates; finalize it (or remove the gates) before saving")
     found = find_layers(model)
+    if [layer.name for layer in found] != [entry["name"] for entry in rec["layers"]]:
+        raise ValueError(f"{name}'s layers {[layer.name for layer in found]} are not the ones finalize recorded "
+                         f"{[entry['name'] for entry in rec['layers']]}; was the model changed after finalize?")
     for entry, layer in zip(rec["layers"], found):
         for key, spec, size in (("attention", layer.attention, lambda s: s.num_heads),
                                 ("ffn", layer.ffn, lambda s: s.units)):
@@ -75,7 +78,7 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
         if key is not None and key in seen:
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().contiguous()
+        tensors[name] = tensor.detach().cpu().contiguous()
     return tensors
 
 
