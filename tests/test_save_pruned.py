@@ -174,6 +174,7 @@ def test_equal_sizes_load_with_transformers_alone(name, tmp_path):
 import sys
 sys.modules["learnmask"] = None  # any import of learnmask now fails
 import torch, transformers
+torch.set_num_threads({torch.get_num_threads()})  # the same summation order as this process
 folder = {str(tmp_path)!r}
 expected = torch.load(folder + "/expected.pt")
 task = getattr(transformers, {type(plain).__name__!r}).from_pretrained(folder).eval()
