@@ -162,26 +162,31 @@ def _equal_sizes(name: str):
     return model, finalize(apply_masks(model, **flags, gates=gates))
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
-def test_equal_sizes_load_with_transformers_alone(name, tmp_path):
-    model, plain = _equal_sizes(name)
-    save_pruned(plain, tmp_path)
-    assert json.loads((tmp_path / "pruning.json").read_text())["loads_with_transformers"]
-    batch = zoo.inputs(name)
-    torch.save({"batch": batch, "logits": zoo.run(name, plain, batch),
-                "hidden": plain.base_model(**batch).last_hidden_state.detach()}, tmp_path / "expected.pt")
+def test_equal_sizes_load_with_transformers_alone(tmp_path):
+    """BERT (FFN units), GPT-2 and Llama (heads, FFN units, hidden dims) load with from_pretrained
+    in a process where learnmask cannot be imported, with bit-identical outputs."""
+    cases = {}
+    for name in ("bert", "gpt2", "llama"):
+        model, plain = _equal_sizes(name)
+        save_pruned(plain, tmp_path / name)
+        assert json.loads((tmp_path / name / "pruning.json").read_text())["loads_with_transformers"]
+        batch = zoo.inputs(name)
+        torch.save({"batch": batch, "logits": zoo.run(name, plain, batch),
+                    "hidden": plain.base_model(**batch).last_hidden_state.detach()}, tmp_path / name / "expected.pt")
+        cases[name] = type(plain).__name__
     code = f"""
 import sys
 sys.modules["learnmask"] = None  # any import of learnmask now fails
 import torch, transformers
 torch.set_num_threads({torch.get_num_threads()})  # the same summation order as this process
-folder = {str(tmp_path)!r}
-expected = torch.load(folder + "/expected.pt")
-task = getattr(transformers, {type(plain).__name__!r}).from_pretrained(folder).eval()
-base = transformers.AutoModel.from_pretrained(folder).eval()
-with torch.no_grad():
-    assert torch.equal(task(**expected["batch"]).logits, expected["logits"])
-    assert torch.equal(base(**expected["batch"]).last_hidden_state, expected["hidden"])
+for name, cls in {cases!r}.items():
+    folder = {str(tmp_path)!r} + "/" + name
+    expected = torch.load(folder + "/expected.pt")
+    task = getattr(transformers, cls).from_pretrained(folder).eval()
+    base = transformers.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(task(**expected["batch"]).logits, expected["logits"]), name
+        assert torch.equal(base(**expected["batch"]).last_hidden_state, expected["hidden"]), name
 print("ok")
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
