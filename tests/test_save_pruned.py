@@ -320,3 +320,15 @@ def test_a_model_changed_after_finalize_is_refused(tmp_path):
     plain.vit.layers[0].mlp.fc2 = nn.Linear(3, 32)
     with pytest.raises(ValueError, match=r"vit.layers.0.s ffn has 3 units but finalize recorded"):
         save_pruned(plain, tmp_path)
+
+
+def test_views_of_one_storage_are_saved_apart(tmp_path, monkeypatch):
+    model, handle = gated("encoder_layer", closed=False)
+    plain = finalize(handle)
+    with torch.no_grad():  # two parameters that are views of one storage (as a user's model may hold)
+        both = torch.cat([plain.layers[0].norm1.weight, plain.layers[0].norm2.weight])
+        plain.layers[0].norm1.weight = nn.Parameter(both[:32])
+        plain.layers[0].norm2.weight = nn.Parameter(both[32:])
+    loaded = _round_trip(plain, tmp_path, monkeypatch)
+    batch = zoo.inputs("encoder_layer")
+    assert torch.equal(zoo.run("encoder_layer", loaded, batch), zoo.run("encoder_layer", plain, batch))
