@@ -19,7 +19,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from learnmask.control import LossAdaptiveController, make_rate_schedule
-from learnmask.io import atomic_torch_save
+from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.masks.inputs import IGNORE_INDEX, MaskingVocab, mlm_loss
 from learnmask.recipe.mlm_config import MLMRunConfig
 from learnmask.recipe.mlm_data import Chunks, batch_indices, heldout_batch, mask_chunks, shakespeare_chunks, step_generator
@@ -118,7 +118,7 @@ def warm_head(cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, eval
     """
     path = pathlib.Path(cache_dir) / f"mlm-head-{cfg.head_key()}.pt"
     if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = load_torch_file(path, what="MLM head cache")
         unexpected = model.load_state_dict(cached["head"], strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{path} holds {unexpected}, which {type(model).__name__} lacks; remove the cached head")
@@ -276,7 +276,7 @@ class MLMTrainer:
         path = self.run_dir / "checkpoint.pt"
         if not path.exists():
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path, what="run checkpoint")
         if state["key"] != self.cfg.key():
             raise ValueError(f"{path} belongs to run {state['key']}, not {self.cfg.key()}; remove it or use another folder")
         self.model.load_state_dict(state["model"], strict=False)

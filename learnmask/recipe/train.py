@@ -19,7 +19,7 @@ from learnmask.control import FixedPenalty, LagrangianController, PIController, 
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
 from learnmask.inject import MaskHandle, apply_head_gates, find_layers
-from learnmask.io import atomic_torch_save
+from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.model import EncodedTexts, accuracy, batches, bucketed_order, encode, freeze_parameters, load_classifier
 
@@ -125,7 +125,7 @@ def dense_weights(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | 
     path = pathlib.Path(cache_dir) / f"dense-{cfg.key()}.pt"
     if not path.exists():
         fit(cfg, pathlib.Path(cache_dir) / f"run-{cfg.key()}", cache_dir=cache_dir, progress=progress)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch_file(path, what="dense-weights cache")
 
 
 def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progress: Progress | None = None) -> dict:
@@ -309,7 +309,7 @@ class Trainer:
         path = self.run_dir / "checkpoint.pt"
         if not path.exists():
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path, what="run checkpoint")
         if state["key"] != self.cfg.key():
             raise ValueError(f"{path} belongs to run {state['key']}, not {self.cfg.key()}; remove it or use another folder")
         if state["fixed_mask"] is not None:
