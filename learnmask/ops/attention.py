@@ -33,7 +33,7 @@ from learnmask.ops.common import grad_needed
 from learnmask.ops.flex import BackendUnavailable, FlexBackend
 from learnmask.ops.inputs import prepare_inputs
 from learnmask.ops.reference import ReferenceBackend
-from learnmask.ops.sdpa import SDPABackend, _is_pure_causal
+from learnmask.ops.sdpa import SDPABackend, is_pure_causal
 
 __all__ = ["masked_attention", "register_backend", "get_backend", "auto_order", "backend_reasons",
            "choose_backend", "AutoChoice", "BackendNotSupported", "BackendUnavailable"]
@@ -285,7 +285,7 @@ def _choose(inputs: AttentionInputs) -> AutoChoice:
     grads = grad_needed(inputs)
     what = "forward+backward" if grads else "forward"
     no_mask = inputs.mask is None
-    causal_fast = inputs.token_gate is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
+    causal_fast = inputs.token_gate is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
     if "sdpa" in accepting and isinstance(get_backend("sdpa"), SDPABackend) and (no_mask or causal_fast):
         kind = "no mask: SDPA's fused kernel" if no_mask else "plain causal mask: SDPA's is_causal kernel"
         ranking = ["sdpa"] + [n for n in accepting if n != "sdpa"]

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 
 @dataclass(frozen=True, eq=False)

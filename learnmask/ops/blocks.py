@@ -2,8 +2,8 @@
 queries never keeps, with a memory-lean backward. Runs on any device; the fast path for training on
 CPU, where FlexAttention has no backward.
 
-Plan (:mod:`learnmask.ops.row_plan`): each query row keeps an interval of keys, computed from the
-:class:`MaskStructure` in O(B·(Q + K)) — or from the mask evaluated ``block_q`` rows at a time for
+Plan (:mod:`learnmask.ops.row_plan`): each query row keeps an interval of keys, derived from the
+:class:`~learnmask.masks.structure.MaskStructure` in O(B·(Q + K)·log K) — or from the mask evaluated ``block_q`` rows at a time for
 user predicates and dense tensors. Rows are grouped so that each group reads one contiguous key
 range with little waste: one group per packed document, a band for a sliding window, a staircase
 for causal masks, one range of real keys for padding (per batch row when that is cheaper).
@@ -29,11 +29,11 @@ from torch import Tensor
 
 from learnmask.ops import cpu_flash
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.block_plan import structure_tile
-from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups, row_intervals
+from learnmask.masks.structure import MaskStructure
+from learnmask.masks.structure_blocks import row_intervals
+from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups
 from learnmask.ops.common import apply_head_gate, log_gate
-from learnmask.ops.sdpa import _is_pure_causal, sdpa_with_mask
-from learnmask.ops.structure import MaskStructure
+from learnmask.ops.sdpa import is_pure_causal, sdpa_with_mask
 
 __all__ = ["BlocksBackend", "plan"]
 
@@ -64,7 +64,7 @@ class BlocksBackend:
     def __call__(self, inputs: AttentionInputs) -> Tensor:
         """Output (B, Hq, Q, Dv) in q's dtype."""
         q, k, v = inputs.q, inputs.k, inputs.v
-        if inputs.token_gate is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]:
+        if inputs.token_gate is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]:
             # SDPA's own causal kernel skips the upper triangle with a fused backward: nothing to gather.
             out = sdpa_with_mask(q, k, v, None, None, inputs.scale, is_causal=True)
             return apply_head_gate(out, inputs.head_gate)
@@ -97,7 +97,7 @@ def plan(inputs: AttentionInputs, block_q: int) -> tuple[list[KVGroup], TileFn]:
             return row_intervals(structure, q_len, kv_len, device)
 
         def tile(b0, b1, q0, q1, k0, k1):
-            keep = structure_tile(structure, q0, q1, k0, k1, device)
+            keep = structure.tile(q0, q1, k0, k1, device)
             return keep if keep is None or keep.shape[0] == 1 else keep[b0:b1]
     else:
         rows = _tile_fn(inputs)

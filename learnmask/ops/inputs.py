@@ -25,7 +25,7 @@ from torch import Tensor
 
 from learnmask.masks.attention import AttentionMask, bias_to_keep
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 __all__ = ["prepare_inputs"]
 

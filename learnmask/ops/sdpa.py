@@ -18,7 +18,7 @@ from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
 from learnmask.ops.common import apply_head_gate, dense_keep, expand_kv, log_gate
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 __all__ = ["SDPABackend", "sdpa_with_mask"]
 
@@ -26,12 +26,9 @@ __all__ = ["SDPABackend", "sdpa_with_mask"]
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-def _is_pure_causal(s: MaskStructure | None) -> bool:
+def is_pure_causal(s: MaskStructure | None) -> bool:
     """Whether ``s`` is exactly the causal mask (nothing else)."""
-    if s is None:
-        return False
-    return s.causal and all(getattr(s, f) is None for f in (
-        "prefix_lengths", "window", "chunk_size", "q_document_ids", "kv_document_ids", "key_padding"))
+    return s is not None and s.is_pure_causal
 
 
 def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Tensor | None, scale: float,
@@ -86,7 +83,7 @@ class SDPABackend:
         """Output (B, Hq, Q, Dv) in q's dtype."""
         q, k = inputs.q, inputs.k
         lg = None if inputs.token_gate is None else log_gate(inputs.token_gate, q.dtype)[:, None, None, :]
-        causal_fast = lg is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
+        causal_fast = lg is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
         keep = None if causal_fast else dense_keep(inputs)
         out = sdpa_with_mask(q, k, inputs.v, keep, lg, inputs.scale, is_causal=causal_fast)
         return apply_head_gate(out, inputs.head_gate)

@@ -1,7 +1,7 @@
 """The ``triton`` masked-attention backend: a fused FlashAttention-2 kernel (Dao, 2023) that skips
 fully masked blocks and fuses soft token gates.
 
-The kernel evaluates a :class:`~learnmask.ops.structure.MaskStructure` (causal, prefix-LM, sliding
+The kernel evaluates a :class:`~learnmask.masks.structure.MaskStructure` (causal, prefix-LM, sliding
 window, chunks, packed documents, key padding) from a few integers and small per-row tables: each
 query block visits only the key blocks that hold a kept pair, evaluates the mask elementwise only in
 partial blocks, and never allocates a (B, H, Q, K) tensor. A token gate z (B, K) adds ``log z[b, j]``
@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 MAX_HEAD_DIM = 128
 _KERNELS = "learnmask.ops.triton_kernels"
