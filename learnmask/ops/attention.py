@@ -125,19 +125,22 @@ def _reasons_of(name: str, inputs: AttentionInputs) -> list[str]:
 
 
 def backend_reasons(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
-                    token_gate: Tensor | None = None, scale: float | None = None) -> dict[str, list[str]]:
+                    token_gate: Tensor | None = None, scale: float | None = None,
+                    dropout_p: float = 0.0) -> dict[str, list[str]]:
     """For each backend in auto's order, why it would refuse these inputs (an empty list: it accepts)."""
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
     return {name: _reasons_of(name, inputs) for name in auto_order()}
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
                      token_gate: Tensor | None = None, backend: str | AttentionBackend = "auto",
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Attention restricted by a mask, with soft per-key token gates and per-head output gates.
 
     ``out[b, h, i] = sum_j softmax_j(scale * q_i . k_j + log z[b, j]) v_j`` over the keys j the mask
-    keeps (and z > 0), then ``out[b, h] *= head_gate[(b,) h]``. A query row that keeps no key gives
+    keeps (and z > 0), then ``out[b, h] *= head_gate[(b,) h]``; with ``dropout_p`` > 0 the softmax
+    weights are dropped out first, as in ``scaled_dot_product_attention``. A query row that keeps no key gives
     exactly 0 and zero (finite) gradients on every backend. Grouped-query attention: query head h
     reads key/value head ``h // (Hq // Hkv)``.
 
@@ -156,6 +159,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
             :func:`choose_backend`), a registered name ("triton", "flex", "blocks", "sdpa",
             "reference") or a backend object.
         scale: score scale; default ``1 / sqrt(D)``.
+        dropout_p: probability in [0, 1) of zeroing each attention probability (the kept ones are
+            scaled by ``1 / (1 - p)``; SDPA's ``dropout_p``). The op does not look at a training
+            flag: pass 0.0 in eval, as Hugging Face models do. Taken by ``reference``, ``sdpa`` and
+            ``blocks``; ``flex`` and ``triton`` refuse p > 0, so ``auto`` does not pick them then.
+            Random draws come from torch's global generator (``torch.manual_seed`` repeats them).
 
     Returns:
         (B, Hq, Q, Dv) in q's dtype.
@@ -165,7 +173,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
         BackendNotSupported: the named backend (or, for "auto", every backend) refuses the inputs;
             the message lists each reason.
     """
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
     if not isinstance(backend, str):
         return _run_named(backend, backend.name, inputs)
     if backend != "auto":
@@ -223,7 +232,8 @@ class AutoChoice:
 
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
-                   token_gate: Tensor | None = None, scale: float | None = None) -> AutoChoice:
+                   token_gate: Tensor | None = None, scale: float | None = None,
+                   dropout_p: float = 0.0) -> AutoChoice:
     """The backend ``masked_attention(..., backend="auto")`` would run for these inputs, and why.
 
     Same arguments as :func:`masked_attention` (shapes there). Whether gradients are needed is read
@@ -262,7 +272,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Ten
         TypeError / ValueError: invalid arguments (as :func:`masked_attention`).
         BackendNotSupported: every backend refuses the inputs (the message lists each reason).
     """
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
     choice = _choose(inputs)
     if not choice.ranking:
         raise BackendNotSupported("no masked-attention backend can run these inputs:\n" + _format(choice.refused))

@@ -120,6 +120,9 @@ class FlexBackend:
         if device in ("cpu", "mps") and grad_needed(inputs):
             reasons.append(f"FlexAttention has no backward on {device} in torch {torch.__version__}; inputs "
                            "that need gradients go to another backend (e.g. 'blocks')")
+        if inputs.dropout_p > 0:
+            reasons.append(f"dropout_p={inputs.dropout_p}: FlexAttention has no attention dropout; "
+                           "'sdpa', 'blocks' and 'reference' take it")
         if inputs.q.shape[2] == 0 or inputs.k.shape[2] == 0:
             reasons.append("empty sequence (Q == 0 or K == 0)")
         if self.compile:

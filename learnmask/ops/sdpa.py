@@ -32,8 +32,8 @@ def is_pure_causal(s: MaskStructure | None) -> bool:
 
 
 def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Tensor | None, scale: float,
-                   is_causal: bool = False) -> Tensor:
-    """SDPA with a keep-mask and/or a log gate, zeros for rows with no kept key.
+                   is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """SDPA with a keep-mask and/or a log gate (and SDPA's own dropout), zeros for rows with no kept key.
 
     Args:
         q: (B, Hq, Q, D); k, v: (B, Hkv, K, D | Dv).
@@ -63,7 +63,7 @@ def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Ten
         else:
             k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-                                         scale=scale, **kwargs)
+                                         scale=scale, dropout_p=dropout_p, **kwargs)
     if row_ok is not None:
         out = out.masked_fill(~row_ok, 0)
     return out
@@ -71,7 +71,8 @@ def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Ten
 
 class SDPABackend:
     """Dense-mask ``scaled_dot_product_attention``: takes every input; memory grows as B·Q·K for
-    the mask (and B·Hq·Q·K inside SDPA when a gate needs gradients)."""
+    the mask (and B·Hq·Q·K inside SDPA when a gate needs gradients, or with dropout, which SDPA
+    computes with its math kernel on CPU)."""
 
     name = "sdpa"
 
@@ -85,5 +86,5 @@ class SDPABackend:
         lg = None if inputs.token_gate is None else log_gate(inputs.token_gate, q.dtype)[:, None, None, :]
         causal_fast = lg is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
         keep = None if causal_fast else dense_keep(inputs)
-        out = sdpa_with_mask(q, k, inputs.v, keep, lg, inputs.scale, is_causal=causal_fast)
+        out = sdpa_with_mask(q, k, inputs.v, keep, lg, inputs.scale, is_causal=causal_fast, dropout_p=inputs.dropout_p)
         return apply_head_gate(out, inputs.head_gate)
