@@ -32,6 +32,7 @@ from learnmask.ops.blocks import BlocksBackend
 from learnmask.ops.common import grad_needed
 from learnmask.ops.flex import BackendUnavailable, FlexBackend
 from learnmask.ops.inputs import prepare_inputs
+from learnmask.ops.nonfinite import non_finite_keys, with_finite_keys
 from learnmask.ops.reference import ReferenceBackend
 from learnmask.ops.sdpa import SDPABackend, is_pure_causal
 
@@ -140,7 +141,12 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
 
     ``out[b, h, i] = sum_j softmax_j(scale * q_i . k_j + log z[b, j]) v_j`` over the keys j the mask
     keeps (and z > 0), then ``out[b, h] *= head_gate[(b,) h]``; with ``dropout_p`` > 0 the softmax
-    weights are dropped out first, as in ``scaled_dot_product_attention``. A query row that keeps no key gives
+    weights are dropped out first, as in ``scaled_dot_product_attention``.
+
+    Non-finite inputs, the same on every backend (:mod:`learnmask.ops.nonfinite`): a key removed from
+    a row (by the mask or a token gate of 0) cannot affect that row, whatever k and v hold there; a
+    row that keeps a key with a non-finite k or v is NaN. Checking costs one pass over k and v (and
+    on CUDA one host synchronisation) per call. A query row that keeps no key gives
     exactly 0 and zero (finite) gradients on every backend. Grouped-query attention: query head h
     reads key/value head ``h // (Hq // Hkv)``.
 
@@ -175,6 +181,14 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
     """
     inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
                             dropout_p=dropout_p)
+    bad = non_finite_keys(inputs)
+    if bad is None:
+        return _dispatch(inputs, backend)
+    return with_finite_keys(lambda clean: _dispatch(clean, backend), inputs, bad)
+
+
+def _dispatch(inputs: AttentionInputs, backend: str | AttentionBackend) -> Tensor:
+    """Run ``backend`` (a name, "auto" or a backend object) on validated inputs."""
     if not isinstance(backend, str):
         return _run_named(backend, backend.name, inputs)
     if backend != "auto":

@@ -14,7 +14,9 @@ Semantics every backend reproduces (the ``reference`` backend is the spec, in fl
     out[b, h, i] = P[b, h, i] @ v
     head_gate g (Hq,) or (B, Hq): out[b, h] *= g[(b,) h]
 
-A fully masked query row gives exactly zeros and finite gradients (with dropout too).
+A fully masked query row gives exactly zeros and finite gradients (with dropout too). A key removed
+from a row cannot affect it, even where its k or v is NaN or infinite; a row keeping such a key is
+NaN (enforced by ``masked_attention`` for every backend: :mod:`learnmask.ops.nonfinite`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from learnmask.ops.base import AttentionInputs
 from learnmask.masks.structure import MaskStructure
 from learnmask.masks.structure_blocks import row_intervals
 from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups
-from learnmask.ops.common import apply_head_gate, log_gate
+from learnmask.ops.common import apply_head_gate, empty_attention, is_empty, log_gate
 from learnmask.ops.sdpa import is_pure_causal, sdpa_with_mask
 
 __all__ = ["BlocksBackend", "plan"]
@@ -63,8 +63,10 @@ class BlocksBackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q, k, v = inputs.q, inputs.k, inputs.v
+        if is_empty(inputs):
+            return empty_attention(inputs)
         if inputs.token_gate is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]:
             # SDPA's own causal kernel skips the upper triangle with a fused backward: nothing to gather.
             out = sdpa_with_mask(q, k, v, None, None, inputs.scale, is_causal=True, dropout_p=inputs.dropout_p)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.common import apply_head_gate, dense_keep, expand_kv, log_gate
+from learnmask.ops.common import apply_head_gate, dense_keep, empty_attention, expand_kv, is_empty, log_gate
 
 __all__ = ["ReferenceBackend"]
 
@@ -40,8 +40,10 @@ class ReferenceBackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q = inputs.q
+        if is_empty(inputs):
+            return empty_attention(inputs)
         dtype = q.dtype if self.compute_dtype == "input" else self.compute_dtype
         hq = q.shape[1]
         k, v = expand_kv(inputs.k.to(dtype), hq), expand_kv(inputs.v.to(dtype), hq)

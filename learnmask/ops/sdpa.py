@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.common import apply_head_gate, dense_keep, expand_kv, log_gate
+from learnmask.ops.common import apply_head_gate, dense_keep, empty_attention, expand_kv, is_empty, log_gate
 from learnmask.masks.structure import MaskStructure
 
 __all__ = ["SDPABackend", "sdpa_with_mask"]
@@ -81,8 +81,10 @@ class SDPABackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q, k = inputs.q, inputs.k
+        if is_empty(inputs):
+            return empty_attention(inputs)
         lg = None if inputs.token_gate is None else log_gate(inputs.token_gate, q.dtype)[:, None, None, :]
         causal_fast = lg is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
         keep = None if causal_fast else dense_keep(inputs)
