@@ -177,3 +177,14 @@ def test_a_masked_out_key_cannot_affect_a_row_whatever_it_holds(backend, kind, w
     if grads_needed:
         grads = torch.autograd.grad((out[unaffected]).sum(), leaves)
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_check_finds_bad_keys_and_ignores_finite_values_whose_sum_overflows():
+    from learnmask.ops.inputs import prepare_inputs
+    from learnmask.ops.nonfinite import non_finite_keys
+
+    k = torch.full((1, 2, 4, 2), 3e38)  # finite, but the check's float32 sum overflows
+    assert non_finite_keys(prepare_inputs(k, k, k)) is None
+    v = k.clone()
+    v[0, 1, 2, 0] = float("-inf")
+    assert non_finite_keys(prepare_inputs(k, k, v)).tolist() == [[[False] * 4, [False, False, True, False]]]

@@ -8,7 +8,7 @@ every backend (issue 12, item 8):
 Why the op, not each backend: every backend multiplies probabilities by values, and ``0 * NaN`` is
 NaN, so a NaN value in a masked-out key poisoned the rows that share a tile (or, for dense SDPA,
 every row) with it, differently on each backend. Here the keys holding a non-finite entry are found
-(one pass over k and v, and one host synchronisation), zeroed before the backend runs, and the rows
+(one summing pass over k and v, and one host synchronisation), zeroed before the backend runs, and the rows
 that keep one of them are set to NaN afterwards. Which rows keep one is itself an attention: queries
 of zeros against the same mask and token gate, with values 1 on the bad keys (run by ``blocks``,
 which takes every mask), is > 0 exactly on those rows. Queries are not covered: a non-finite query
@@ -35,10 +35,11 @@ def non_finite_keys(inputs: AttentionInputs) -> Tensor | None:
     k, v = inputs.k, inputs.v
     if k.numel() == 0 and v.numel() == 0:
         return None
-    finite = torch.isfinite(k).all() & torch.isfinite(v).all()
-    if bool(finite):
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(k.sum(dtype=acc) + v.sum(dtype=acc))):  # one cheap pass; NaN and inf propagate
         return None
-    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    return bad if bool(bad.any()) else None  # the sum overflowed on finite values
 
 
 def with_finite_keys(run: Callable[[AttentionInputs], Tensor], inputs: AttentionInputs, bad: Tensor) -> Tensor:
