@@ -12,9 +12,10 @@ derived from its two semantic methods (``position_bounds`` and the key condition
 
 Key conditions are evaluated through a sorted index of the keys each (batch row, document) keeps,
 so counting the kept keys of any row in any key range is two binary searches: the work is
-O(B·(Q + K)·log K) for the intervals plus O(bq·log K) per tile that is neither surely empty nor
-surely full (the diagonal of a causal mask, the edges of a window, of documents, of padding) — never
-one value per (query, key) pair.
+O(B·(Q + K)·log K) for the intervals plus O(bq) per tile that is neither surely empty nor surely
+full (the diagonal of a causal mask, the edges of a window, of documents, of padding; a binary search
+more per row whose interval has holes) — never one value per (query, key) pair. Documents that are
+not contiguous runs make nearly every tile such a tile: O(B·Q·nk·log K), still exact.
 
 Legend: B batch (1 when the structure holds no per-batch tensor), Q query length, K key length,
 bq / bk query / key block sizes, nq = ceil(Q / bq), nk = ceil(K / bk).
@@ -47,20 +48,19 @@ class _Members:
                  batch: int, n_members: int, n_queries: int, device: torch.device) -> None:
         self.stride = n_members + 1
         if member_groups is None:
-            m_rank = torch.zeros(batch, n_members, dtype=torch.int64, device=device)
-            q_rank = torch.zeros(batch, n_queries, dtype=torch.int64, device=device)
+            m_rank = torch.zeros(1, 1, dtype=torch.int64, device=device)
+            q_rank = torch.zeros(1, 1, dtype=torch.int64, device=device)
             n_groups = 1
         else:
-            both = torch.cat([member_groups.flatten(), query_groups.flatten()])
-            unique, inverse = torch.unique(both, return_inverse=True)
-            m_rank = inverse[:batch * n_members].view(batch, n_members)
-            q_rank = inverse[batch * n_members:].view(batch, n_queries)
-            n_groups = unique.numel()
+            m_rank, q_rank, n_groups = _ranks(member_groups, query_groups, batch * self.stride)
         rows = torch.arange(batch, device=device).view(-1, 1) * n_groups
-        codes = (rows + m_rank) * self.stride + torch.arange(n_members, device=device)
+        codes = ((rows + m_rank) * self.stride + torch.arange(n_members, device=device)).expand(batch, n_members)
         codes = codes.flatten() if valid is None else codes[valid]
-        self.codes = codes.sort().values
-        self.base = (rows + q_rank) * self.stride  # (B, M)
+        # codes are in (batch row, position) order: sorted already when each row's groups never decrease
+        if member_groups is not None and not bool((m_rank[:, 1:] >= m_rank[:, :-1]).all()):
+            codes = codes.sort().values
+        self.codes = codes
+        self.base = ((rows + q_rank) * self.stride).expand(batch, n_queries)  # (B, M)
 
     def _search(self, base: Tensor, at: Tensor) -> Tensor:
         return torch.searchsorted(self.codes, base + at)
@@ -78,6 +78,18 @@ class _Members:
         first = self.codes[self._search(base, a).clamp(max=n - 1)] - base
         last = self.codes[(self._search(base, c) - 1).clamp(min=0)] - base + 1
         return first, last
+
+
+def _ranks(member_groups: Tensor, query_groups: Tensor, scale: int) -> tuple[Tensor, Tensor, int]:
+    """Group ids of members and queries as ranks 0..n-1 (their offsets from the smallest id when that
+    keeps the codes within int64, else their ranks among the distinct ids), and n."""
+    lowest = torch.minimum(member_groups.min(), query_groups.min())
+    width = int(torch.maximum(member_groups.max(), query_groups.max()) - lowest) + 1
+    if width * scale < 2**62:
+        return member_groups - lowest, query_groups - lowest, width
+    unique, inverse = torch.unique(torch.cat([member_groups.flatten(), query_groups.flatten()]), return_inverse=True)
+    n = member_groups.numel()
+    return inverse[:n].view(member_groups.shape), inverse[n:].view(query_groups.shape), unique.numel()
 
 
 def _full(t: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
@@ -110,6 +122,11 @@ def row_intervals(s: MaskStructure, q_len: int, kv_len: int,
         (``lo == hi``: nothing kept); exact: bool (B, Q), True when every key of ``[lo, hi)`` is kept.
     """
     device = torch.device(device) if device is not None else s.device
+    return _intervals(s, q_len, kv_len, device)[:3]
+
+
+def _intervals(s: MaskStructure, q_len: int, kv_len: int, device: torch.device):
+    """:func:`row_intervals` and the key index it used (None without key conditions)."""
     batch = s.batch
     q = torch.arange(q_len, device=device).view(1, -1)
     lo = torch.zeros(batch, q_len, dtype=torch.int64, device=device)
@@ -120,9 +137,9 @@ def row_intervals(s: MaskStructure, q_len: int, kv_len: int,
         hi = hi if p_hi is None else p_hi.expand(batch, q_len).clamp(0, kv_len)
         hi = torch.maximum(hi, lo)
     if not s.has_key_condition:
-        return lo, hi, torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        return lo, hi, torch.ones(batch, q_len, dtype=torch.bool, device=device), None
     index = _key_index(s, batch, q_len, kv_len, device)
-    return _tighten(index, index.base, lo, hi)
+    return (*_tighten(index, index.base, lo, hi), index)
 
 
 def key_spans(s: MaskStructure, q_len: int, kv_len: int, device: torch.device | str | None = None):
@@ -164,7 +181,7 @@ def block_states(s: MaskStructure, q_len: int, kv_len: int, block_q: int, block_
         pair, ``all_keep`` iff it keeps every pair (tail tiles: every pair inside the sequences).
     """
     device = torch.device(device) if device is not None else s.device
-    lo, hi, exact = row_intervals(s, q_len, kv_len, device)
+    lo, hi, exact, index = _intervals(s, q_len, kv_len, device)
     batch, nq, nk = lo.shape[0], -(-q_len // block_q), -(-kv_len // block_k)
     if q_len == 0 or kv_len == 0:
         empty = torch.zeros(batch, nq, nk, dtype=torch.bool, device=device)
@@ -182,7 +199,6 @@ def block_states(s: MaskStructure, q_len: int, kv_len: int, block_q: int, block_
     any_keep = touched.clone()
     candidates = (touched & ~all_keep).nonzero()
     if len(candidates):
-        index = _key_index(s, batch, q_len, kv_len, device) if s.has_key_condition else None
         step = max(1, _TILE_ROWS_PER_STEP // block_q)
         for start in range(0, len(candidates), step):
             b, i, j = candidates[start:start + step].unbind(-1)
@@ -204,7 +220,9 @@ def _refine(b: Tensor, i: Tensor, k0: Tensor, k1: Tensor, lo: Tensor, hi: Tensor
     c = torch.minimum(hi[bb, rows], k1[:, None])
     count = (c - a).clamp(min=0)
     if index is not None:
-        count = torch.where(exact[bb, rows], count, index.count(index.base[bb, rows], a, c))
+        holes = ~exact[bb, rows] & (count > 0)  # rows whose interval is not all kept: count the kept keys
+        if bool(holes.any()):
+            count[holes] = index.count(index.base[bb[holes], rows[holes]], a[holes], c[holes])
     some = ((count > 0) & valid).any(-1)
     every = ((count == (k1 - k0)[:, None]) | ~valid).all(-1)
     return some, every
