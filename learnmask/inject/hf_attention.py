@@ -233,9 +233,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if mask is None and causal and query.shape[2] > 1:
         mask = am.causal()
-    options: dict[str, Any] = {"scale": scaling}
-    if dropout:
-        options["dropout_p"] = float(dropout)
+    options: dict[str, Any] = {"scale": scaling, "dropout_p": float(dropout)}
     if route is not None:
         options.update(head_gate=route.head_gate(), backend=route.handle.backend)
     out = masked_attention(query, key, value, mask=mask, **options)
