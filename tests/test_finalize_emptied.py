@@ -4,6 +4,8 @@ other block. Hidden dims (plus FFN units or heads, whichever still has equal siz
 layer) gated on the finalized model: all-open gates reproduce it; the gated model in eval equals
 its own finalize; ``remaining_parameters()`` is the twice-finalized model's count; and
 ``save_pruned``/``load_pruned`` round-trip the twice-finalized model bit-identically."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ import zoo
 from learnmask.export import finalize, load_pruned, save_pruned
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
-from learnmask.stats import count_parameters
+from learnmask.stats import count_parameters, layer_report
 from test_save_pruned import _same_structure
 
 OPEN_TOLERANCE, FINALIZE_TOLERANCE = 1e-6, 1e-5  # fp32, max abs diff
@@ -60,6 +62,11 @@ def regated(name: str, plain: torch.nn.Module, block: str, seed: int = 0):
     return handle
 
 
+def _reports(target) -> list:
+    """``layer_report`` without the unit totals (a gated model's are the sizes it was gated at)."""
+    return [dataclasses.replace(r, heads_total=0, units_total=0) for r in layer_report(target, seq_len=8)]
+
+
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("name", HIDDEN)
 def test_open_hidden_gates_reproduce_the_finalized_model(name, block):
@@ -81,13 +88,14 @@ def test_gated_finalized_model_equals_its_finalize_counts_and_round_trips(name, 
     again = finalize(handle)
     assert (zoo.run(name, again, batch) - expected).abs().max().item() <= FINALIZE_TOLERANCE
     assert count_parameters(again) == handle.remaining_parameters() < count_parameters(plain)
+    assert _reports(handle) == _reports(again)  # per layer too: a stub's bias is counted where it is
     save_pruned(again, tmp_path)
     loaded = load_pruned(tmp_path)
     assert torch.equal(zoo.run(name, loaded, batch), zoo.run(name, again, batch))
     _same_structure(loaded, again)
 
 
-def test_bert_post_norm_stub_normalises_over_kept_dims():
+def test_bert_post_norm_stub_is_a_stream_norm():
     """BERT's emptied attention is ``LayerNorm(x + b)``: closing a hidden dim leaves it out of that
     norm's mean and variance too, like every other norm on the stream."""
     plain = emptied("bert", "attention")
@@ -117,6 +125,7 @@ def test_encoder_layer_refuses_hidden_and_regates_heads_or_ffn(block, tmp_path):
     again = finalize(handle)
     assert (zoo.run(name, again, batch) - expected).abs().max().item() <= FINALIZE_TOLERANCE
     assert count_parameters(again) == handle.remaining_parameters() < count_parameters(plain)
+    assert _reports(handle) == _reports(again)
     save_pruned(again, tmp_path)
     loaded = load_pruned(tmp_path)
     assert torch.equal(zoo.run(name, loaded, batch), zoo.run(name, again, batch))
