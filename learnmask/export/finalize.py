@@ -203,6 +203,7 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
         with handle.detached():
             model = copy.deepcopy(handle.model)
         hooks.strip(model)
+        stubs.restore_class_names(model)  # stubs of an earlier finalize: "RemovedAttention", not "GraphModule"
         if hasattr(model, GATES_ATTRIBUTE):
             delattr(model, GATES_ATTRIBUTE)
     layers = _layers_of(model, handle)

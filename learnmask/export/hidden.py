@@ -87,8 +87,8 @@ def prune_hidden(model: nn.Module, layers: list[LayerSpec], stream: HiddenStream
 
     Every norm in ``stream.norms`` (the stream's and a head's) gets z baked into its weight and
     bias; maps reading d lose input columns, maps writing d (attention and FFN outputs, a head's
-    ``stream.writers``) lose output rows; a map doing both is sliced both ways (CoFi, Xia et
-    al. 2022).
+    ``stream.writers``) lose output rows, and so do the biases of emptied blocks' stubs; a map
+    doing both is sliced both ways (CoFi, Xia et al. 2022).
 
     Raises:
         ValueError: every hidden dimension closed (a model needs at least one).
@@ -110,6 +110,8 @@ def prune_hidden(model: nn.Module, layers: list[LayerSpec], stream: HiddenStream
         if ffn is not None:
             readers += ffn.up
             writers.append(ffn.down)
+        for stub in layer.stub_biases:  # an emptied block still writes its bias (d,)
+            stub.bias = slicer.slice(stub.bias, 0)
     seen = set()
     for module in readers + stream.readers:
         if id(module) not in seen:

@@ -65,6 +65,17 @@ def with_attributes(module: fx.GraphModule, attributes: dict) -> fx.GraphModule:
     return module
 
 
+def restore_class_names(model: nn.Module) -> None:
+    """Give every fx module of ``model`` that :func:`with_attributes` built its own class name
+    back (in place): ``GraphModule.__deepcopy__`` re-initialises a copy as "GraphModule", while
+    pickling restores ``_graphmodule_cls_name``. Each fx module has a class of its own, so no
+    other module is renamed."""
+    for module in model.modules():
+        name = getattr(module, "_graphmodule_cls_name", None)
+        if isinstance(module, fx.GraphModule) and isinstance(name, str) and type(module).__name__ != name:
+            type(module).__name__ = name
+
+
 def post_norm_block(first_arg: str, norm: nn.Module, bias: Tensor | None, *, class_name: str) -> fx.GraphModule:
     """A post-norm attention block with no heads left (BERT family): ``(norm(x + b), None)``."""
     graph, x = _graph(first_arg)

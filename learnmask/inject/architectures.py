@@ -98,7 +98,16 @@ class FFNSpec:
 
 @dataclasses.dataclass
 class LayerSpec:
-    """One transformer layer: its attention, FFN and the norms on its residual stream."""
+    """One transformer layer: its attention, FFN and what it puts on the residual stream.
+
+    Attributes:
+        attention, ffn: the blocks with units left (None where finalize emptied one).
+        norms: every norm on the residual stream, a post-norm stub's own included.
+        stubs: the stubs finalize left for this layer's emptied blocks (see :func:`is_stub`).
+            Each adds its output bias ``bias`` ``(d,)`` to the stream unless the block gate
+            closed it; BERT's also applies its post-norm ``norm`` (listed in ``norms``). They
+            are part of the hidden stream like the blocks they replace.
+    """
 
     name: str
     arch: str
@@ -106,6 +115,12 @@ class LayerSpec:
     attention: AttentionSpec | None
     ffn: FFNSpec | None
     norms: list[nn.Module]
+    stubs: list[nn.Module] = dataclasses.field(default_factory=list)
+
+    @property
+    def stub_biases(self) -> list[nn.Module]:
+        """The stubs that still add an output bias ``bias`` ``(d,)`` to the stream."""
+        return [stub for stub in self.stubs if getattr(stub, "bias", None) is not None]
 
     @property
     def attention_module(self) -> nn.Module | None:
@@ -156,6 +171,10 @@ def is_stub(module: nn.Module | None) -> bool:
     return isinstance(module, fx.GraphModule) and not is_pruned_attention(module)
 
 
+def _stubs(*modules: nn.Module) -> list[nn.Module]:
+    return [module for module in modules if is_stub(module)]
+
+
 def _bert(layer: nn.Module, name: str) -> LayerSpec:
     att, spec = layer.attention, None
     norms = [layer.output.LayerNorm]
@@ -169,8 +188,10 @@ def _bert(layer: nn.Module, name: str) -> LayerSpec:
         spec = AttentionSpec(layer, "attention", Rows(self_att.query), Rows(self_att.key), Rows(self_att.value),
                              att.output.dense, heads, heads, dim, post_norm=att.output.LayerNorm, set_heads=set_heads)
         norms.insert(0, att.output.LayerNorm)
+    else:  # the stub is LayerNorm(x + b): the same post-norm on the stream
+        norms.insert(0, att.norm)
     ffn = FFNSpec(None, None, [layer.intermediate.dense], layer.output.dense)
-    return LayerSpec(name, "bert", layer, spec, ffn, norms)
+    return LayerSpec(name, "bert", layer, spec, ffn, norms, _stubs(att))
 
 
 def _distilbert(layer: nn.Module, name: str) -> LayerSpec:
@@ -182,7 +203,7 @@ def _distilbert(layer: nn.Module, name: str) -> LayerSpec:
         spec = AttentionSpec(layer, "attention", Rows(att.q_lin), Rows(att.k_lin), Rows(att.v_lin), att.out_lin,
                              att.n_heads, att.n_heads, att.attention_head_size, set_heads=set_heads)
     ffn = FFNSpec(None, None, [layer.ffn.lin1], layer.ffn.lin2)
-    return LayerSpec(name, "distilbert", layer, spec, ffn, [layer.sa_layer_norm, layer.output_layer_norm])
+    return LayerSpec(name, "distilbert", layer, spec, ffn, [layer.sa_layer_norm, layer.output_layer_norm], _stubs(att))
 
 
 def _gpt2(layer: nn.Module, name: str) -> LayerSpec:
@@ -198,7 +219,7 @@ def _gpt2(layer: nn.Module, name: str) -> LayerSpec:
     if not is_stub(layer.mlp):
         # Conv1D cannot take a zero-width input (it views to (-1, 0)): an empty MLP becomes a stub
         ffn = FFNSpec(layer, "mlp", [layer.mlp.c_fc], layer.mlp.c_proj)
-    return LayerSpec(name, "gpt2", layer, spec, ffn, [layer.ln_1, layer.ln_2])
+    return LayerSpec(name, "gpt2", layer, spec, ffn, [layer.ln_1, layer.ln_2], _stubs(att, layer.mlp))
 
 
 def _vit(layer: nn.Module, name: str) -> LayerSpec:
@@ -210,7 +231,7 @@ def _vit(layer: nn.Module, name: str) -> LayerSpec:
         spec = AttentionSpec(layer, "attention", Rows(att.q_proj), Rows(att.k_proj), Rows(att.v_proj), att.o_proj,
                              att.num_attention_heads, att.num_attention_heads, att.head_dim, set_heads=set_heads)
     ffn = FFNSpec(None, None, [layer.mlp.fc1], layer.mlp.fc2)
-    return LayerSpec(name, "vit", layer, spec, ffn, [layer.layernorm_before, layer.layernorm_after])
+    return LayerSpec(name, "vit", layer, spec, ffn, [layer.layernorm_before, layer.layernorm_after], _stubs(att))
 
 
 def _llama(layer: nn.Module, name: str) -> LayerSpec:
@@ -226,7 +247,8 @@ def _llama(layer: nn.Module, name: str) -> LayerSpec:
                              heads, kv_heads, dim, set_heads=set_heads)
     mlp = layer.mlp
     ffn = FFNSpec(None, None, [mlp.gate_proj, mlp.up_proj], mlp.down_proj)
-    return LayerSpec(name, "llama", layer, spec, ffn, [layer.input_layernorm, layer.post_attention_layernorm])
+    return LayerSpec(name, "llama", layer, spec, ffn, [layer.input_layernorm, layer.post_attention_layernorm],
+                     _stubs(att))
 
 
 def _mha_spec(owner: nn.Module | None, attr: str, mha: nn.Module) -> AttentionSpec | None:
@@ -243,7 +265,7 @@ def _encoder_layer(layer: nn.Module, name: str) -> LayerSpec:
     # the fused fast path takes linear2.bias as a tensor: it cannot be None
     ffn = FFNSpec(None, None, [layer.linear1], layer.linear2, bias_removable=False)
     return LayerSpec(name, "transformer_encoder_layer", layer, _mha_spec(layer, "self_attn", layer.self_attn), ffn,
-                     [layer.norm1, layer.norm2])
+                     [layer.norm1, layer.norm2], _stubs(layer.self_attn))
 
 
 def _has(module: nn.Module, *paths: str) -> bool:
@@ -295,6 +317,7 @@ def find_layers(model: nn.Module) -> list[LayerSpec]:
         elif is_mha(module) or _is_removed_mha(module):
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name) if name else None  # None: the model itself
-            layers.append(LayerSpec(name, "multihead_attention", module, _mha_spec(owner, attr, module), None, []))
+            layers.append(LayerSpec(name, "multihead_attention", module, _mha_spec(owner, attr, module), None, [],
+                                    _stubs(module)))
             taken.add(id(module))
     return layers

@@ -6,10 +6,12 @@ per-unit keep probabilities from the gates this gives the expected remaining par
 differentiable in the gate logits (the sparsity CoFi pruning constrains, Xia, Zhong & Chen 2022):
 
     E[params of a layer] = P(att) (Σ_h p_h c_head + Σ_g P(g alive) c_kv + c_att)
-                           + P(ffn) (Σ_i q_i c_unit) + P(ffn)^[bias removable] c_ffn + c_norm
+                           + P(ffn) (Σ_i q_i c_unit) + P(ffn)^[bias removable] c_ffn + c_stream
 
 with independent gates, ``P(g alive) = 1 - Π_{h in g} (1 - p_h)`` for a key/value group g of
-grouped-query attention, and ``d`` replaced by its expectation ``Σ_j P(hidden dim j kept)``.
+grouped-query attention, ``c_stream`` the layer's norms and the output biases its emptied blocks
+(finalize's stubs) still add to the stream, and ``d`` replaced by its expectation
+``Σ_j P(hidden dim j kept)``.
 
 Legend: ``H`` query heads, ``G`` key/value groups, ``D`` head size, ``I`` FFN units, ``d``
 hidden size, ``S`` sequence length.
@@ -60,7 +62,7 @@ class LayerCosts:
     unit: Cost
     ffn: Cost
     ffn_bias_removable: bool
-    norm: Cost
+    stream: Cost
 
 
 def _bias(module) -> float:
@@ -113,12 +115,14 @@ def layer_costs(layer: LayerSpec) -> LayerCosts:
         for up in ffn.up:
             unit = unit + _weight_rows(1, _bias(up))
         ffn_cost = Cost(b=_bias(ffn.down))
-    norm = Cost()
+    stream = Cost()  # d-wide tensors no gate of the layer removes: norms, emptied blocks' biases
     for module in layer.norms:
         count = sum(p.numel() for p in module.parameters(recurse=False))
-        norm = norm + Cost(b=count / d)
+        stream = stream + Cost(b=count / d)
+    for stub in layer.stub_biases:
+        stream = stream + Cost(b=stub.bias.numel() / d)
     return LayerCosts(heads, kv_heads, head_dim, units, d, head, kv, attention, unit, ffn_cost,
-                      ffn.bias_removable if ffn is not None else True, norm)
+                      ffn.bias_removable if ffn is not None else True, stream)
 
 
 def expected_layer_parameters(costs: LayerCosts, d, probs: dict[str, Tensor | None]) -> Tensor:
@@ -152,7 +156,7 @@ def expected_layer_parameters(costs: LayerCosts, d, probs: dict[str, Tensor | No
     units = costs.units * one if p_units is None else p_units.sum()
     ffn = p_ffn * units * costs.unit.at(d)
     ffn_bias = (p_ffn if costs.ffn_bias_removable else one) * costs.ffn.at(d)
-    return p_att * attention + ffn + ffn_bias + costs.norm.at(d)
+    return p_att * attention + ffn + ffn_bias + costs.stream.at(d)
 
 
 def layer_flops(costs: LayerCosts, seq_len: int, kept: dict[str, float]) -> dict[str, float]:

@@ -231,7 +231,8 @@ class MaskHandle:
 
     def prunable_parameters(self) -> int:
         """Parameters whose count depends on a gate: every gated layer (all of its attention,
-        FFN and norms) and, with hidden gating, the embeddings, final norms and heads reading d."""
+        FFN and norms, and the biases its emptied blocks' stubs add) and, with hidden gating, the
+        embeddings, final norms and heads reading d."""
         return round(float(self._prunable(None)))
 
     def expected_remaining_parameters(self) -> Tensor:
