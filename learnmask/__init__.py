@@ -12,7 +12,8 @@ cheap and pulls in no torch)::
 Groups of names (each also in its subpackage):
 
 - gating a model: ``apply_masks``, ``apply_head_gates``, ``MaskConfig``, ``MaskHandle``,
-  ``finalize`` (:mod:`learnmask.inject`, :mod:`learnmask.export`);
+  ``finalize``, ``save_pruned``, ``load_pruned`` (:mod:`learnmask.inject`,
+  :mod:`learnmask.export`);
 - gate kinds: ``Gate``, ``HardConcreteGate``, ``TopKGate``, ``ThresholdGate``,
   ``GumbelSigmoidGate``, ``FixedGate``, ``make_gate``, ``register_gate``, ``available_gates``,
   ``param_groups`` (:mod:`learnmask.gates`);
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "learnmask.inject": ("apply_masks", "apply_head_gates", "MaskConfig", "MaskHandle"),
-    "learnmask.export": ("finalize",),
+    "learnmask.export": ("finalize", "save_pruned", "load_pruned"),
     "learnmask.gates": ("Gate", "HardConcreteGate", "TopKGate", "ThresholdGate", "GumbelSigmoidGate", "FixedGate",
                         "make_gate", "register_gate", "available_gates", "param_groups"),
     "learnmask.control": ("LagrangianController", "PIController", "PIDController", "FixedPenalty",

@@ -1,4 +1,5 @@
-"""Atomic file writes and package-file lookup, shared by the runner, the table and checkpoints."""
+"""Atomic file writes, safe reads of torch files and package-file lookup, shared by the runner,
+the table and checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -107,12 +109,69 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_replace(pathlib.Path(path), lambda handle: torch.save(obj, handle))
 
 
+_RESTART = "Delete it to restart: learnmask writes a new one (a run restarts from its beginning, a cache is rebuilt)"
+
+
+class UnsafeFileError(ValueError):
+    """A torch file whose loading would run code: it needs objects beyond tensors and plain containers."""
+
+
+class DamagedFileError(ValueError):
+    """A torch file that cannot be read: empty, truncated, or not a torch file at all."""
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """Read back a file learnmask wrote with :func:`atomic_torch_save`, running no code from it.
+
+    ``torch.load(path, map_location="cpu", weights_only=True)``: tensors, numbers, strings and
+    plain containers (dicts, lists, tuples) only; a pickle that names any other global (a class
+    or function to call while unpickling) is refused before anything runs.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ("checkpoint", "dense-weights cache", ...).
+
+    Returns:
+        The loaded object, its tensors on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeFileError: (a ValueError) loading would need arbitrary globals; nothing ran.
+        DamagedFileError: (a ValueError) empty, truncated or not a torch file; the message says
+            it can be deleted (learnmask then starts that part of the run again).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol, reported as refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        detail = str(error)
+        if "Unsupported global" in detail:
+            found = detail[detail.index("Unsupported global"):].split(" was not")[0]
+            raise UnsafeFileError(
+                f"{what} {path} was refused: loading it would run code ({found}); learnmask reads only "
+                f"tensors and plain containers (torch.load weights_only=True) and ran nothing from it. "
+                f"{_RESTART}") from None
+        if "WeightsUnpickler error:" in detail:  # skip torch's advice to load it unsafely
+            detail = detail[detail.index("WeightsUnpickler error:") + len("WeightsUnpickler error:"):]
+        lines = [line.strip() for line in detail.splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(error).__name__
+        raise DamagedFileError(
+            f"{what} {path} cannot be read: it is empty, truncated or not a torch file ({reason}). "
+            f"{_RESTART}") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSON-lines file; a missing file gives ``[]``.
 
     Raises:
-        ValueError: a line is not valid JSON or not a JSON object, or ``path`` is a folder (the
-            message names the file and line number).
+        ValueError: the file is not UTF-8 text, a line is not valid JSON or not a JSON object, or
+            ``path`` is a folder (the message names the file, and the line number).
     """
     return [record for _, record in numbered_jsonl(path)]
 
@@ -124,8 +183,12 @@ def numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
         raise ValueError(f"{path} is a folder; expected a JSON-lines file (say {path / 'results.jsonl'})")
     if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}), so not a JSON-lines file; fix or remove it") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -199,17 +262,3 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict], *, lock: bool
             old += b"\n"
         _atomic_replace(path, lambda handle: handle.write(old + new))
 
-
-def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so
-    nothing in the file can run code.
-
-    Raises:
-        ValueError: the file is empty, truncated, not a torch file, or needs arbitrary code to
-            load (the message names the file and says it can be deleted).
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read is the same fault to the user
-        raise ValueError(f"{path} is not a readable {what} ({type(error).__name__}: {str(error)[:200]}); delete it "
-                         "to start over") from error

@@ -14,7 +14,7 @@ from torch import nn
 
 from learnmask.inject.architectures import find_layers, is_mha
 from learnmask.inject.costs import expected_layer_parameters, layer_costs, layer_flops
-from learnmask.inject.masks import MaskHandle
+from learnmask.inject.handle import MaskHandle
 
 
 def count_parameters(model: nn.Module, exclude: nn.Module | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from learnmask.inject.masks import MaskHandle
+from learnmask.inject.handle import MaskHandle
 from learnmask.stats import layer_report
 
 

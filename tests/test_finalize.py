@@ -172,3 +172,34 @@ def test_finalize_head_gates_of_the_recipe_and_the_model_itself(name):
 def test_finalize_of_an_ungated_model_is_an_error():
     with pytest.raises(ValueError, match="BertForSequenceClassification carries no learnmask gates"):
         finalize(zoo.make("bert"))
+
+
+def test_finalize_records_what_it_kept_in_original_indices():
+    model = zoo.make("llama")
+    heads = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])  # groups (0, 1), (2, 3)
+    plain = finalize(apply_masks(model, heads=True, gates={"heads": FixedGate(heads)}))
+    record = plain.learnmask_pruning
+    assert record["architecture"] == {"library": "transformers", "class": "LlamaForCausalLM",
+                                      "attn_implementation": "sdpa"}
+    assert [layer["attention"] for layer in record["layers"]] == [
+        {"heads": 4, "kept": [1], "bias": True}, {"heads": 4, "kept": [0, 1, 2, 3], "bias": True}]  # 2 pads (2, 3)
+    assert record["hidden"] == {"size": 32, "kept": None} and record["layers"][0]["ffn"]["kept"] == list(range(64))
+    again = finalize(apply_masks(plain, heads=False, hidden=True,
+                                 gates={"hidden": FixedGate((torch.arange(32) >= 4).float())}))
+    assert again.learnmask_pruning["hidden"]["kept"] == list(range(4, 32))
+    assert again.learnmask_pruning["layers"] == record["layers"]
+    assert plain.learnmask_pruning["hidden"]["kept"] is None  # the first record is left as it was
+
+
+def test_the_record_survives_deepcopy_of_a_rebuilt_multihead_attention():
+    mha = torch.nn.MultiheadAttention(16, 4).eval()
+    plain = finalize(apply_masks(mha, heads=True, gates={"heads": FixedGate(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))}))
+    assert type(plain).__name__ == "PrunedMultiheadAttention"
+    assert copy.deepcopy(plain).learnmask_pruning["layers"][0]["attention"]["kept"] == [0, 2]
+
+
+@pytest.mark.parametrize("target", [None, "model", 3, [torch.nn.Linear(2, 2)]])
+def test_finalize_of_something_else_says_what_it_expects(target):
+    with pytest.raises(TypeError, match=r"finalize expects the handle of apply_masks .* or the gated model "
+                                        rf"\(an nn.Module\); got {type(target).__name__}"):
+        finalize(target)

@@ -45,12 +45,14 @@ def test_readme_pruning_example_removes_what_the_gates_closed(tmp_path, monkeypa
     assert "log_alpha[0, :2]" in code
     namespace = {"model": model, "print": lambda *a: None}
     exec(compile(code, "README.md", "exec"), namespace)
-    small, handle = namespace["small"], namespace["handle"]
+    small, handle = namespace["small"], namespace["handle"]  # small: as load_pruned read it back
+    assert (tmp_path / "pruned" / "model.safetensors").is_file() and (tmp_path / "pruned" / "pruning.json").is_file()
     assert sum(p.numel() for p in small.parameters()) == handle.remaining_parameters() < dense
     assert small.bert.encoder.layer[0].attention.self.num_attention_heads == 2
     assert small.bert.encoder.layer[1].intermediate.dense.out_features == 64 - 40
     ids = torch.randint(5, 100, (2, 7))
     with torch.no_grad():
+        assert torch.equal(small(input_ids=ids).logits, handle.finalize()(input_ids=ids).logits)
         assert (small(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 

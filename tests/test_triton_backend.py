@@ -35,7 +35,7 @@ from einops import rearrange, repeat  # noqa: E402
 
 from learnmask.ops import triton_backend  # noqa: E402
 from learnmask.ops.base import AttentionInputs  # noqa: E402
-from learnmask.ops.structure import MaskStructure  # noqa: E402
+from learnmask.masks.structure import MaskStructure  # noqa: E402
 from learnmask.ops.triton_backend import BACKEND, TritonBackend, block_counts, triton_attention  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -469,3 +469,34 @@ def test_launch_plan_is_cached_per_structure_and_rebuilt_after_an_in_place_edit(
     assert build() is first
     padding[1, 12:20] = True
     assert build() is not first and not torch.equal(build().tables.rows, first.tables.rows)
+
+
+def test_edges_through_the_op_single_element_empty_float64_and_non_finite_masked_keys():
+    """Issue 12 items 8 and 10 for triton: it answers or refuses up front, and a masked-out key holding
+    NaN cannot affect a row (the op's rule, checked here through the kernel)."""
+    from learnmask.masks import attention as am
+    from learnmask.ops.attention import BackendNotSupported, masked_attention
+
+    backend = TritonBackend(TEST_BLOCKS, cpu_interpreter=True)
+    one = torch.randn(1, 1, 1, 1, device=DEVICE)
+    torch.testing.assert_close(masked_attention(one, one, one * 3, mask=am.causal(), backend=backend), one * 3)
+    for q_len, kv_len in ((3, 0), (0, 3)):
+        q, kv = torch.randn(1, 1, q_len, 8, device=DEVICE), torch.randn(1, 1, kv_len, 8, device=DEVICE)
+        with pytest.raises(BackendNotSupported, match="empty sequence"):
+            masked_attention(q, kv, kv, backend=backend)
+        assert (masked_attention(q, kv, kv) == 0).all()  # auto answers
+    q64 = torch.randn(1, 1, 4, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(BackendNotSupported, match="float64"):
+        masked_attention(q64, q64, q64, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=gen).to(DEVICE) for _ in range(3))
+    v[:, :, 17] = float("nan")  # inside the tile of rows 16..19 and of the padding of batch row 0
+    k[:, :, 18] = float("inf")
+    real = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    real[0, 17:] = False
+    mask = am.causal() & am.padding(real)
+    out = masked_attention(q, k, v, mask=mask, backend=backend)
+    clean = masked_attention(q, k.nan_to_num(0.0, 0.0, 0.0), v.nan_to_num(), mask=mask, backend="reference")
+    keeps_bad = mask.keep(2, 1, 20, 20)[..., 17:19].any(-1).expand(2, 2, 20)
+    torch.testing.assert_close(out[~keeps_bad], clean[~keeps_bad], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(out[keeps_bad]).all() and keeps_bad[1].any() and not keeps_bad[0].any()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from learnmask.io import atomic_write_text
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 SHAPES = {1024: (8, 16), 4096: (4, 16), 8192: (2, 16)}  # S -> (B, H)
 HEAD_DIM = 64

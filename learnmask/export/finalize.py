@@ -28,14 +28,14 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from learnmask.export import mha, stubs
+from learnmask.export import mha, record, stubs
 from learnmask.inject import hooks
 from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers, is_mha
 from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (bias_of, drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
                                      scale_outputs)
 from learnmask.inject.custom import custom_layers
-from learnmask.inject.masks import GATES_ATTRIBUTE, MaskHandle
+from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
 from learnmask.export.hidden import prune_hidden
 
 
@@ -177,15 +177,21 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
         rounding (30-layer SmolLM2: within 5x the gated float32 model's own error against a
         float64 run). With hidden dims removed, a model whose output is the hidden stream
         itself (a bare ``BertModel``) returns the kept dims only: the gated output without its
-        zero columns. It holds no learnmask object, so ``torch.save(model)`` loads where
-        learnmask is absent; a Hugging Face config still states the original sizes, so
-        ``save_pretrained``/``from_pretrained`` cannot rebuild it.
+        zero columns. It holds no learnmask object; its attribute ``learnmask_pruning`` (plain
+        JSON-ready data, see :mod:`learnmask.export.record`) records what it kept of the
+        original, so :func:`~learnmask.export.save_pruned` saves it as safetensors + JSON and
+        :func:`~learnmask.export.load_pruned` rebuilds it (a Hugging Face config still states
+        the original sizes, so ``save_pretrained``/``from_pretrained`` alone cannot).
 
     Raises:
+        TypeError: ``target`` is neither a handle nor a model (``None``, say).
         ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
             without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
             and up projections are), or a model whose layers changed since it was gated.
     """
+    if not isinstance(target, (MaskHandle, nn.Module)):
+        raise TypeError(f"finalize expects the handle of apply_masks (or apply_head_gates), or the gated model "
+                        f"(an nn.Module); got {type(target).__name__}")
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
     masks, names = _masks_and_names(handle)
     if inplace:
@@ -203,7 +209,36 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
     found = [layer.name for layer in layers]
     if found != names:
         raise ValueError(f"the model's layers changed since gating: {found} != {names}")
+    if any(layer.arch == "custom" for layer in layers):
+        before = record.unsupported("it was pruned through target_modules/ffn_modules, whose layers learnmask "
+                                    "cannot rebuild from a config")
+    else:
+        before = record.record_of(model) or record.initial(model, layers)
+    pruned, kept = prune(model, layers, masks)
+    record.attach(pruned, record.updated(before, [layer.name for layer in layers], kept))
+    return pruned
+
+
+def prune(model: nn.Module, layers: list[LayerSpec], masks: dict[str, Tensor | list[Tensor]]
+          ) -> tuple[nn.Module, record.Kept]:
+    """Bake ``masks`` into ``model`` (hooks already off) and remove what they close, in place.
+
+    The one pruning path: :func:`finalize` runs it on the gated model's copy and
+    :func:`learnmask.export.load_pruned` on the rebuilt original architecture, with 0/1 masks
+    of the units a saved model kept.
+
+    Args:
+        model: the model whose ``layers`` (from ``find_layers``/``custom_layers``) these are.
+        masks: granularity name -> gate values, one row per layer (a ``(L, ...)`` tensor or a
+            list of per-layer tensors); ``hidden``: ``(d,)``. Missing granularities stay whole.
+
+    Returns:
+        The pruned model (``model`` itself unless it was a bare ``nn.MultiheadAttention``,
+        which is rebuilt) and what each layer kept, in the layer's own indices before pruning.
+    """
+    hidden = None
     if "hidden" in masks:
+        hidden = torch.nonzero(masks["hidden"] > 0).flatten()
         prune_hidden(model, layers, find_hidden_stream(model, layers), masks["hidden"].float())
     holder = None
     for layer in layers:  # the model is itself the attention block: let it be replaced too
@@ -211,9 +246,31 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
             holder = nn.Module()
             holder.model = model
             layer.attention.owner, layer.attention.attr = holder, "model"
+    kept = record.Kept(hidden, [_kept_in_layer(layer, row, masks) for row, layer in enumerate(layers)])
     prune_layers(layers, masks)
     for module in model.modules():  # a rebuilt or emptied self_attn takes no nested tensors
         if isinstance(module, nn.TransformerEncoder) and any(
                 not isinstance(layer.self_attn, nn.MultiheadAttention) for layer in module.layers):
             module.use_nested_tensor = False
-    return model if holder is None else holder.model
+    return (model if holder is None else holder.model), kept
+
+
+def _kept_in_layer(layer: LayerSpec, row: int, masks: dict) -> record.LayerKept:
+    """What :func:`prune_layers` keeps of ``layer`` (same rules), in its indices before pruning."""
+    attention = ffn = None
+    att = layer.attention
+    if att is not None and ({"heads", "attention_blocks"} & set(masks)):
+        z_block = float(_row(masks, "attention_blocks", row, None))
+        keep = (_row(masks, "heads", row, att.num_heads) > 0) & (z_block > 0)
+        if not bool(keep.any()):
+            heads = [] if att.owner is not None else [0]  # target_modules: one zeroed head stays
+        elif is_mha(att.module):
+            heads = torch.nonzero(keep).flatten().tolist()
+        else:
+            heads = _kept_heads(keep, att.num_heads, att.num_kv_heads)[0].tolist()
+        attention = (heads, z_block > 0)
+    if layer.ffn is not None and ({"ffn", "ffn_blocks"} & set(masks)):
+        z_block = float(_row(masks, "ffn_blocks", row, None))
+        keep = (_row(masks, "ffn", row, layer.ffn.units) > 0) & (z_block > 0)
+        ffn = (torch.nonzero(keep).flatten().tolist(), z_block > 0)
+    return record.LayerKept(attention, ffn)

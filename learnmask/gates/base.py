@@ -10,6 +10,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -58,6 +59,14 @@ class Gate(nn.Module):
     Subclasses implement :meth:`sample` (the training-mode mask), :meth:`_eval_mask` (the
     kind's own evaluation rule) and :meth:`expected_l0`.
 
+    Non-finite logits, one rule for every kind (built-in or registered): a NaN in ``log_alpha``
+    is refused with a ``ValueError`` by every method that reads it (``forward``, ``sample``,
+    ``deterministic_mask``, ``expected_l0``, ``keep_probabilities``, ``keep_ratio``) — it
+    usually means the loss or the optimizer diverged, and a gate value computed from it would
+    be NaN or an arbitrary 0/1. ``+inf`` / ``-inf`` are allowed: the unit is surely kept /
+    surely removed (z = 1 / z = 0, expected L0 contribution 1 / 0). The subclass methods are
+    wrapped at class creation (:meth:`__init_subclass__`), so a new kind follows the rule too.
+
     ``forward()`` takes no input and returns ``z`` of shape ``(*shape)`` in [0, 1]: a sample
     in training mode; in eval mode ``deterministic_mask(self.eval_k)``. When ``eval_k`` is an
     int, eval keeps exactly the ``eval_k`` units with the largest ``log_alpha`` over ALL
@@ -78,6 +87,24 @@ class Gate(nn.Module):
     """
 
     kind: str = "gate"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _READS_LOG_ALPHA:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_checks_log_alpha", False):
+                setattr(cls, name, _checking_log_alpha(method))
+
+    def check_log_alpha(self) -> None:
+        """Raise ``ValueError`` if ``log_alpha`` holds NaN (the rule in the class docstring)."""
+        nan = torch.isnan(self.log_alpha.detach())
+        if bool(nan.any()):
+            first = tuple(int(i) for i in nan.nonzero()[0])
+            raise ValueError(
+                f"{type(self).__name__} of shape {self.shape}: log_alpha holds {int(nan.sum())} NaN value(s) "
+                f"(first at index {first}); every gate kind refuses NaN logits (did the loss or the optimizer "
+                "diverge?). +inf / -inf are allowed: surely kept / surely removed"
+            )
 
     def __init__(
         self,
@@ -167,8 +194,9 @@ class Gate(nn.Module):
             is an int (no gradient in that case).
 
         Raises:
-            ValueError: ``k`` not None and not an int in [0, N].
+            ValueError: ``k`` not None and not an int in [0, N], or NaN in ``log_alpha``.
         """
+        self.check_log_alpha()
         if k is None:
             return self._eval_mask()
         k = self._check_count("k", k)
@@ -201,6 +229,20 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, eval_k={self.eval_k}"
+
+
+_READS_LOG_ALPHA = ("sample", "_eval_mask", "expected_l0", "keep_probabilities")
+
+
+def _checking_log_alpha(method: Callable) -> Callable:
+    """``method`` preceded by :meth:`Gate.check_log_alpha`."""
+    @functools.wraps(method)
+    def checked(self, *args: Any, **kwargs: Any):
+        self.check_log_alpha()
+        return method(self, *args, **kwargs)
+
+    checked._checks_log_alpha = True
+    return checked
 
 
 # --------------------------------------------------------------------------------- registry

@@ -8,7 +8,8 @@ from learnmask.inject.architectures import SUPPORTED, LayerSpec, find_layers
 from learnmask.inject.config import ATTENTION_MODES, GRANULARITIES, MaskConfig
 from learnmask.inject.heads import apply_head_gates
 from learnmask.inject.hf_attention import AttentionPath
-from learnmask.inject.masks import MaskHandle, apply_masks
+from learnmask.inject.handle import MaskHandle
+from learnmask.inject.masks import apply_masks
 
 __all__ = [
     "apply_head_gates", "ATTENTION_MODES", "AttentionPath",

@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from learnmask.gates import Gate
-from learnmask.inject.masks import MaskHandle, apply_masks
+from learnmask.inject.handle import MaskHandle
+from learnmask.inject.masks import apply_masks
 
 
 def apply_head_gates(model: nn.Module, gate: Gate | str = "hard_concrete", *, target_modules: list[str] | None = None,

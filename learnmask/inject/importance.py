@@ -20,7 +20,7 @@ from torch import Tensor
 from learnmask.functional import topk_mask
 from learnmask.gates import FixedGate
 from learnmask.inject.layout import weight_out_in
-from learnmask.inject.masks import MaskHandle
+from learnmask.inject.handle import MaskHandle
 
 BASELINES = ("open", "random", "magnitude", "importance")
 

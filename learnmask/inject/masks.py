@@ -1,5 +1,6 @@
 """``apply_masks``: learnable gates on heads, FFN units, hidden dimensions and whole blocks of a
-model as it is, by hooks and parametrizations (never by forking its classes).
+model as it is, by hooks, parametrizations and learnmask's attention function (never by forking
+its classes). It returns a :class:`~learnmask.inject.handle.MaskHandle`.
 
 Legend: ``L`` layers, ``H`` heads per layer, ``I`` FFN units per layer, ``d`` hidden size.
 Gate shapes: heads ``(L, H)``, ffn ``(L, I)``, hidden ``(d,)``, attention_blocks and
@@ -7,25 +8,19 @@ ffn_blocks ``(L,)``.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from learnmask.gates import Gate, make_gate
-from learnmask.inject import hf_attention as hf
-from learnmask.inject import hooks as H
 from learnmask.inject.architectures import SUPPORTED, LayerSpec, find_layers
 from learnmask.inject.config import MaskConfig
-from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.custom import custom_layers
-from learnmask.inject.hidden import HiddenStream, find_hidden_stream
-from learnmask.inject.layout import bias_of
+from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
+from learnmask.inject.hidden import find_hidden_stream
 
-GATES_ATTRIBUTE = "learnmask_gates"
+__all__ = ["apply_masks"]
 
 
 def _layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
@@ -66,327 +61,6 @@ def _gate_shapes(model: nn.Module, layers: list[LayerSpec], config: MaskConfig) 
     return shapes
 
 
-class _NoNestedTensor:
-    """Turns off an ``nn.TransformerEncoder``'s nested-tensor fast path (its default for padded
-    batches in inference) while gates are attached; ``remove()`` turns it back on, like a hook."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        self.encoder = encoder
-        encoder.use_nested_tensor = False
-
-    def remove(self) -> None:
-        self.encoder.use_nested_tensor = True
-
-
-def _attention_paths(model: nn.Module, layers: list[LayerSpec], mode: str) -> dict[str, hf.AttentionPath]:
-    """How each layer with an attention block attends (see ``MaskConfig.attention``).
-
-    Raises:
-        ValueError: ``mode == "op"`` and some layer cannot attend through the op (the reasons).
-    """
-    paths = {}
-    for layer in layers:
-        if layer.attention is None:
-            continue
-        reason = "attention='hooks' was asked for" if mode == "hooks" else hf.route_reason(model, layer)
-        paths[layer.name] = hf.AttentionPath("hooks", reason) if reason else hf.AttentionPath("op")
-    refused = {name: path.reason for name, path in paths.items() if path.path == "hooks"}
-    if mode == "op" and refused:
-        lines = "\n".join(f"  {name}: {reason}" for name, reason in refused.items())
-        raise ValueError(f"attention='op': these attention blocks of {type(model).__name__} cannot attend through "
-                         f"learnmask's masked-attention op:\n{lines}\nuse attention='auto' to gate them by hooks")
-    return paths
-
-
-def _check_backend(backend):
-    """``backend`` if it is ``"auto"``, a registered backend's name or a backend object.
-
-    Raises:
-        ValueError: an unknown name (the op's own message lists the known ones).
-        TypeError: neither a name nor an ``AttentionBackend``.
-    """
-    from learnmask.ops import AttentionBackend, get_backend
-
-    if isinstance(backend, str):
-        if backend != "auto":
-            get_backend(backend)
-        return backend
-    if not isinstance(backend, AttentionBackend):
-        raise TypeError(f"backend must be 'auto', a registered backend name or an AttentionBackend; got {backend!r}")
-    return backend
-
-
-class MaskHandle:
-    """Gates attached to a model by :func:`apply_masks`.
-
-    Attributes:
-        model: the gated model.
-        layers: the :class:`LayerSpec` of every gated layer, in model order.
-        attention_paths: layer name -> :class:`~learnmask.inject.hf_attention.AttentionPath`:
-            ``"op"`` (attends through :func:`learnmask.ops.masked_attention`, head gates fused)
-            or ``"hooks"`` with the reason, for every layer with an attention block.
-        backend: the op's backend for routed blocks (``"auto"``, a registered name or a backend
-            object); may be changed at any time.
-        gates: ``nn.ModuleDict`` granularity name -> :class:`Gate`; registered on the model as
-            ``learnmask_gates`` (unless the model is an ``nn.Sequential``), so the gates move,
-            save and load with it.
-        hidden_stream: where the hidden dimensions live outside the layers (hidden gating only).
-        z: gate values of the last forward pass, name -> tensor of the gate's shape; with
-            ``capture_grad = True`` each is a leaf whose ``.grad`` after backward is ∂loss/∂z.
-    """
-
-    def __init__(self, model: nn.Module, layers: list[LayerSpec], gates: dict[str, Gate],
-                 config: MaskConfig, hidden_stream: HiddenStream | None, register: bool) -> None:
-        self.model, self.layers, self.config, self.hidden_stream = model, layers, config, hidden_stream
-        self.gates = nn.ModuleDict(gates)
-        self.z: dict[str, Tensor] = {}
-        self.capture_grad = False
-        self.registered = register
-        self.attention_paths = _attention_paths(model, layers, config.attention)
-        self._backend = _check_backend(config.backend)
-        self._costs = [layer_costs(layer) for layer in layers]
-        self._hooks: list[Any] = []
-        self._parametrized: list[tuple[nn.Module, str]] = []
-        if register:
-            setattr(model, GATES_ATTRIBUTE, self.gates)
-        self._attach()
-
-    def __deepcopy__(self, memo: dict) -> MaskHandle:
-        """A copy (with its model, when copied as part of it) without the last pass's gate values,
-        which are not graph leaves after a training forward and cannot be deep-copied."""
-        twin = type(self).__new__(type(self))
-        memo[id(self)] = twin
-        for key, value in self.__dict__.items():
-            twin.__dict__[key] = {} if key == "z" else copy.deepcopy(value, memo)
-        return twin
-
-    # -- attaching -------------------------------------------------------------------------
-
-    def _attach(self) -> None:
-        on = set(self.gates)
-        self._hooks.append(self.model.register_forward_pre_hook(H.SampleGates(self, "")))
-        for module in self.model.modules():  # nested tensors cannot pass the gates' hooks
-            if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
-                self._hooks.append(_NoNestedTensor(module))
-        routes = {}
-        for row, layer in enumerate(self.layers):
-            att, ffn = layer.attention, layer.ffn
-            routed = att is not None and self.attention_paths[layer.name].path == "op"
-            if routed:
-                routes[hf.attention_module(layer)] = hf.Route(self, row)
-            if att is not None and att.functional_out and on & {"heads", "attention_blocks"}:
-                weight = H.OutProjParametrization(self, row, att.head_dim, "heads" in on, "attention_blocks" in on)
-                self._parametrize(att.out, "weight", weight)
-                if "attention_blocks" in on and bias_of(att.out) is not None:
-                    self._parametrize(att.out, "bias", H.BiasParametrization(self, row))
-            elif att is not None:
-                if "heads" in on and not routed:  # routed: the op applies them as head_gate
-                    self._pre(att.out, H.ScaleInputUnits(self, "heads", row, att.head_dim))
-                if "attention_blocks" in on:
-                    self._hooks.append(att.out.register_forward_hook(H.ScaleOutput(self, "attention_blocks", row)))
-            if ffn is not None and "ffn" in on:
-                self._pre(ffn.down, H.ScaleInputUnits(self, "ffn", row, 1))
-            if ffn is not None and "ffn_blocks" in on:
-                self._hooks.append(ffn.down.register_forward_hook(H.ScaleOutput(self, "ffn_blocks", row)))
-        if "hidden" in on:
-            for norm in self.hidden_stream.norms:
-                self._hooks.append(norm.register_forward_hook(H.NormOverKept(self, "hidden")))
-        if routes:
-            self._hooks.append(hf.Switch(routes, hf.configs_of(self.model, list(routes))))
-
-    def _pre(self, module: nn.Module, hook: H.LearnmaskHook) -> None:
-        self._hooks.append(module.register_forward_pre_hook(hook))
-
-    def _parametrize(self, module: nn.Module, name: str, parametrization: nn.Module) -> None:
-        H.parametrize_tensor(module, name, parametrization)
-        self._parametrized.append((module, name))
-
-    # -- gate values -----------------------------------------------------------------------
-
-    def sample(self) -> None:
-        """Draw every gate once (training: a sample; eval: the deterministic mask)."""
-        for name, gate in self.gates.items():
-            z = gate()
-            if self.capture_grad:
-                z = z.detach().requires_grad_(True)
-            self.z[name] = z
-
-    def current(self, name: str) -> Tensor:
-        """Gate values of ``name`` for the current pass (sampled now if none yet)."""
-        if name not in self.z:
-            self.sample()
-        return self.z[name]
-
-    def eval_masks(self) -> dict[str, Tensor]:
-        """Deterministic masks (each gate's eval rule, or exactly ``eval_k`` units), detached."""
-        return {name: gate.deterministic_mask(gate.eval_k).detach() for name, gate in self.gates.items()}
-
-    def set_gate(self, name: str, gate: Gate) -> None:
-        """Swap the gate of granularity ``name`` for another of the same shape (say, a FixedGate).
-
-        Raises:
-            ValueError: unknown name, or a shape that differs.
-        """
-        if name not in self.gates:
-            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
-        old = self.gates[name]
-        if tuple(gate.log_alpha.shape) != tuple(old.log_alpha.shape):
-            raise ValueError(f"new {name} gate has shape {tuple(gate.log_alpha.shape)}; expected {tuple(old.log_alpha.shape)}")
-        gate.to(old.log_alpha.device).train(old.training)
-        self.gates[name] = gate
-        self.z.pop(name, None)
-
-    def gate_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable gate parameters (``log_alpha`` of each learnable gate)."""
-        return (p for p in self.gates.parameters() if p.requires_grad)
-
-    def base_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the model that are not gate parameters."""
-        own = {id(p) for p in self.gates.parameters()}
-        return (p for p in self.model.parameters() if id(p) not in own)
-
-    # -- sizes -----------------------------------------------------------------------------
-
-    def _prunable(self, probs: Mapping[str, Tensor] | None) -> Tensor:
-        """Parameters of the prunable part given keep probabilities (None: all kept)."""
-        probs = probs or {}
-        d = probs["hidden"].sum() if "hidden" in probs else float(self.layers[0].hidden_size)
-        total = torch.zeros(())
-        for row, costs in enumerate(self._costs):
-            layer_probs = {name: value[row] for name, value in probs.items() if name != "hidden"}
-            total = total + expected_layer_parameters(costs, d, layer_probs)
-        if self.hidden_stream is not None:
-            total = total + self.hidden_stream.cost.at(d)
-        return total
-
-    def _keep_probabilities(self) -> dict[str, Tensor]:
-        return {name: gate.keep_probabilities() for name, gate in self.gates.items()}
-
-    def dense_parameters(self) -> int:
-        """Parameters of the model without its gates (what it has before pruning)."""
-        return sum(p.numel() for p in self.base_parameters())
-
-    def prunable_parameters(self) -> int:
-        """Parameters whose count depends on a gate: every gated layer (all of its attention,
-        FFN and norms) and, with hidden gating, the embeddings, final norms and heads reading d."""
-        return round(float(self._prunable(None)))
-
-    def expected_remaining_parameters(self) -> Tensor:
-        """``()`` expected parameters left after pruning, differentiable in the gate logits."""
-        return self.dense_parameters() - self.prunable_parameters() + self._prunable(self._keep_probabilities())
-
-    def expected_parameter_sparsity(self) -> Tensor:
-        """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable
-        in the gate logits (see :meth:`prunable_parameters` for what is prunable)."""
-        return 1.0 - self._prunable(self._keep_probabilities()) / self.prunable_parameters()
-
-    def expected_unit_sparsity(self, name: str = "heads") -> Tensor:
-        """``()`` expected fraction of the units of granularity ``name`` closed (heads, FFN units,
-        hidden dims or blocks), in [0, 1], differentiable: ``1 - mean P(z > 0)``.
-
-        Raises:
-            ValueError: ``name`` is not gated.
-        """
-        if name not in self.gates:
-            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
-        return 1.0 - self.gates[name].keep_ratio()
-
-    @property
-    def backend(self):
-        """The op's backend for routed blocks: ``"auto"``, a registered backend name or an
-        ``AttentionBackend`` object (say, ``TritonBackend(cpu_interpreter=True)`` in tests)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend) -> None:
-        self._backend = _check_backend(backend)
-
-    def remaining_parameters(self) -> int:
-        """Parameters ``finalize`` keeps under the eval masks: :meth:`parameters_for` them, plus
-        the one zeroed head (and zeroed output bias) finalize leaves in a ``target_modules``
-        attention with every head closed. Grouped-query padding (Llama) is not counted."""
-        masks = self.eval_masks()
-        extra = 0.0
-        for row, (layer, costs) in enumerate(zip(self.layers, self._costs)):
-            if layer.arch != "custom" or layer.attention is None:
-                continue
-            heads_open = bool((masks["heads"][row] > 0).any()) if "heads" in masks else True
-            block_open = bool(masks["attention_blocks"][row] > 0) if "attention_blocks" in masks else True
-            if not (heads_open and block_open):
-                d = layer.hidden_size
-                extra += costs.head.at(d) + (0.0 if block_open else costs.attention.at(d))
-        return self.parameters_for(masks) + round(extra)
-
-    def parameters_for(self, masks: Mapping[str, Tensor]) -> int:
-        """Parameters left if the units where ``masks[name] == 0`` were removed.
-
-        Args:
-            masks: granularity name -> tensor of that gate's shape (> 0: kept); a gated
-                granularity left out counts as all kept.
-        """
-        probs = {name: (torch.as_tensor(mask) > 0).float() for name, mask in masks.items()}
-        unknown = sorted(set(probs) - set(self.gates))
-        if unknown:
-            raise ValueError(f"masks given for {unknown}; gated: {', '.join(self.gates)}")
-        return round(self.dense_parameters() - self.prunable_parameters() + float(self._prunable(probs)))
-
-    def keep_per_layer(self, name: str = "heads") -> list[float]:
-        """Fraction of units each layer keeps under the eval mask of ``name``, in [0, 1]."""
-        mask = self.eval_masks()[name] > 0
-        return mask.float().reshape(len(self.layers), -1).mean(dim=1).tolist()
-
-    # -- removal ---------------------------------------------------------------------------
-
-    def detach(self) -> None:
-        """Take the hooks and parametrizations off (the gates stay); :meth:`attach` puts them back.
-
-        While detached the model computes as if ungated (bit-identical to the original).
-        """
-        from torch.nn.utils import parametrize
-
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for module, name in self._parametrized:
-            if parametrize.is_parametrized(module, name):
-                # a deep copy shares the parametrized class; give this module its own first, so
-                # that un-parametrizing one of them leaves the other intact
-                cls = type(module)
-                own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-                module.__class__ = type(cls.__name__, cls.__bases__, own)
-                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-        self._parametrized.clear()
-        self.z.clear()
-
-    def attach(self) -> None:
-        """Put the hooks and parametrizations back after :meth:`detach` (no-op if attached)."""
-        if not self._hooks:
-            self._attach()
-
-    @contextlib.contextmanager
-    def detached(self) -> Iterator[None]:
-        """Inside the block the model computes as if ungated (see :meth:`detach`); after it the
-        hooks and parametrizations are back."""
-        self.detach()
-        try:
-            yield
-        finally:
-            self.attach()
-
-    def finalize(self, *, inplace: bool = False) -> nn.Module:
-        """The pruned plain model: :func:`learnmask.export.finalize` of this handle."""
-        from learnmask.export import finalize
-
-        return finalize(self, inplace=inplace)
-
-    def remove(self) -> None:
-        """Take every hook, parametrization, route and gate off; the model is then bit-identical
-        (its attention implementation switched back)."""
-        self.detach()
-        if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
-            delattr(self.model, GATES_ATTRIBUTE)
-
-
 def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None = None, *,
                 gates: Mapping[str, Gate] | None = None, register: bool | None = None,
                 **options: Any) -> MaskHandle:
@@ -401,6 +75,9 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
             instead of building ``config.gate`` for them.
         register: register the gates on the model as ``learnmask_gates`` (default: yes, except
             for ``nn.Sequential``, which would call them as a layer).
+        options: :class:`MaskConfig` fields, among them ``attention`` (``"auto"``: Hugging Face
+            models attend through :func:`learnmask.ops.masked_attention`, other blocks by hooks;
+            ``"op"``; ``"hooks"``) and ``backend`` (the op's backend).
 
     Returns:
         A :class:`MaskHandle`. Gates follow the model's mode (eval: deterministic masks); fully
@@ -410,8 +87,10 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
 
     Raises:
         ValueError: unknown config key or gate kind, unknown architecture (the message says what
-            to pass), a gate whose shape is not the unit count, layers of unequal sizes, or a
-            model that already carries learnmask gates.
+            to pass), a gate whose shape is not the unit count, layers of unequal sizes, a model
+            that already carries learnmask gates, ``attention="op"`` where a block cannot attend
+            through the op (each reason named), or an unknown backend name.
+        TypeError: a ready-made gate that is not a :class:`~learnmask.gates.Gate`.
     """
     if isinstance(config, Mapping) or config is None:
         config = MaskConfig.from_dict({**dict(config or {}), **options})
@@ -425,6 +104,8 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
     built = {}
     for name, shape in shapes.items():
         gate = (gates or {}).get(name)
+        if gate is not None and not isinstance(gate, Gate):
+            raise TypeError(f"{name} gate must be a learnmask Gate; got {type(gate).__name__}")
         if gate is None:
             gate = make_gate(config.gate, shape, **config.gate_options)
         elif tuple(gate.log_alpha.shape) != shape:

@@ -7,6 +7,11 @@
   padding, sliding window, prefix-LM, documents, chunks, user predicates) with ``&``, ``|``, ``~``,
   materialized as a boolean keep-mask, an additive bias (exactly ``finfo(dtype).min`` where masked)
   or a FlexAttention ``BlockMask``; the op that takes them is :func:`learnmask.ops.masked_attention`.
+* :mod:`~learnmask.masks.structure` -- :class:`~learnmask.masks.structure.MaskStructure`, where the
+  semantics of each structured predicate are written once, and its conjunction;
+  :mod:`~learnmask.masks.structure_blocks` -- per-row key intervals and exact per-tile block states
+  derived from it (what ``learnmask.ops`` plans its kernels with: ``ops`` imports ``masks``, never
+  the reverse).
 """
 
 from .attention import (

@@ -19,10 +19,12 @@ Materializations, each for one call's sizes (B batch, H heads, Q query length, K
 Masks holding per-batch tensors (padding, documents, prefix lengths) check them against every call
 (batch size, lengths, device) and refuse a mismatch with a ``ValueError``: a mask built for other
 lengths is never used silently. Positions are absolute; for Q != K the causal diagonal is top-left
-aligned (query i sees keys 0..i), as in SDPA's ``is_causal`` and :mod:`learnmask.ops.structure`.
+aligned (query i sees keys 0..i), as in SDPA's ``is_causal``.
 
-:meth:`AttentionMask.structure` gives the mask as a :class:`~learnmask.ops.structure.MaskStructure`
-(what block-sparse kernels evaluate) when it is a conjunction the structure can express, else None.
+The structured constructors (all but :func:`from_mod`) take their predicate from a
+:class:`~learnmask.masks.structure.MaskStructure`, where the semantics of each kind are written once;
+:meth:`AttentionMask.structure` gives a mask's structure (what block-sparse kernels evaluate) when it
+is a conjunction the structure can express, else None.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor
 from learnmask.masks.attention_bias import add_biases, bias_to_keep, keep_to_bias
 from learnmask.masks.attention_mask import AttentionMask, MaskMod
 from learnmask.masks.attention_mask import Predicate as _Predicate
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 __all__ = [
     "AttentionMask",
@@ -55,15 +57,13 @@ __all__ = [
 
 def full() -> AttentionMask:
     """Keep every (query, key) pair (the identity of ``&``)."""
-    return _Predicate("full", lambda t: lambda b, h, q_idx, kv_idx: (q_idx >= 0) & (kv_idx >= 0), {}, {},
-                      lambda t: MaskStructure())
+    return _structured("full", lambda t: MaskStructure())
 
 
 def causal() -> AttentionMask:
     """Causal mask: query i attends to keys j <= i (top-left aligned when Q != K, like SDPA's
     ``is_causal``; Vaswani et al., 2017)."""
-    return _Predicate("causal", lambda t: lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, {}, {},
-                      lambda t: MaskStructure(causal=True))
+    return _structured("causal", lambda t: MaskStructure(causal=True))
 
 
 def sliding_window(window: int) -> AttentionMask:
@@ -75,14 +75,7 @@ def sliding_window(window: int) -> AttentionMask:
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1 (keys including the query); got {window!r}")
-
-    def build(t):
-        def mod(b, h, q_idx, kv_idx):
-            d = q_idx - kv_idx
-            return (d >= 0) & (d < window)
-        return mod
-
-    return _Predicate(f"sliding_window({window})", build, {}, {}, lambda t: MaskStructure(window=window))
+    return _structured(f"sliding_window({window})", lambda t: MaskStructure(window=window))
 
 
 def chunked(chunk_size: int) -> AttentionMask:
@@ -95,9 +88,7 @@ def chunked(chunk_size: int) -> AttentionMask:
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
-    return _Predicate(f"chunked({chunk_size})",
-                      lambda t: lambda b, h, q_idx, kv_idx: (q_idx // chunk_size) == (kv_idx // chunk_size),
-                      {}, {}, lambda t: MaskStructure(chunk_size=chunk_size))
+    return _structured(f"chunked({chunk_size})", lambda t: MaskStructure(chunk_size=chunk_size))
 
 
 def padding(attention_mask: Tensor) -> AttentionMask:
@@ -111,16 +102,8 @@ def padding(attention_mask: Tensor) -> AttentionMask:
         ValueError: ``attention_mask`` is not 2-d or holds values other than 0 and 1.
     """
     am = _as_bool_2d(attention_mask, "attention_mask", "1 = real token, 0 = padding")
-
-    def build(t):
-        am = t["attention_mask"]
-        if am.shape[0] == 1:
-            row = am[0]
-            return lambda b, h, q_idx, kv_idx: row[kv_idx]
-        return lambda b, h, q_idx, kv_idx: am[b, kv_idx]
-
-    return _Predicate("padding", build, {"attention_mask": am}, {"attention_mask": ("batch", "kv_len")},
-                      lambda t: MaskStructure(key_padding=t["attention_mask"]))
+    return _structured("padding", lambda t: MaskStructure(key_padding=t["attention_mask"]),
+                       {"attention_mask": am}, {"attention_mask": ("batch", "kv_len")})
 
 
 def from_key_padding_mask(key_padding_mask: Tensor) -> AttentionMask:
@@ -152,16 +135,8 @@ def prefix_lm(prefix_lengths: Tensor | int) -> AttentionMask:
     if (prefix_lengths < 0).any():
         raise ValueError(f"prefix_lengths must be >= 0; got {prefix_lengths.tolist()}")
     lengths = prefix_lengths.to(torch.int64)
-
-    def build(t):
-        p = t["prefix_lengths"]
-        if p.shape[0] == 1:
-            p0 = p[0]
-            return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < p0)
-        return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < p[b])
-
-    return _Predicate("prefix_lm", build, {"prefix_lengths": lengths}, {"prefix_lengths": ("batch",)},
-                      lambda t: MaskStructure(causal=True, prefix_lengths=t["prefix_lengths"]))
+    return _structured("prefix_lm", lambda t: MaskStructure(causal=True, prefix_lengths=t["prefix_lengths"]),
+                       {"prefix_lengths": lengths}, {"prefix_lengths": ("batch",)})
 
 
 def document(document_ids: Tensor, kv_document_ids: Tensor | None = None) -> AttentionMask:
@@ -183,17 +158,10 @@ def document(document_ids: Tensor, kv_document_ids: Tensor | None = None) -> Att
     if kv_ids.shape[0] != q_ids.shape[0]:
         raise ValueError(f"document_ids batch {q_ids.shape[0]} != kv_document_ids batch {kv_ids.shape[0]}")
 
-    def build(t):
-        qd, kd = t["q_document_ids"], t["kv_document_ids"]
-        if qd.shape[0] == 1:
-            q0, k0 = qd[0], kd[0]
-            return lambda b, h, q_idx, kv_idx: q0[q_idx] == k0[kv_idx]
-        return lambda b, h, q_idx, kv_idx: qd[b, q_idx] == kd[b, kv_idx]
-
-    return _Predicate("document", build, {"q_document_ids": q_ids, "kv_document_ids": kv_ids},
-                      {"q_document_ids": ("batch", "q_len"), "kv_document_ids": ("batch", "kv_len")},
-                      lambda t: MaskStructure(q_document_ids=t["q_document_ids"],
-                                              kv_document_ids=t["kv_document_ids"]))
+    return _structured("document", lambda t: MaskStructure(q_document_ids=t["q_document_ids"],
+                                                           kv_document_ids=t["kv_document_ids"]),
+                       {"q_document_ids": q_ids, "kv_document_ids": kv_ids},
+                       {"q_document_ids": ("batch", "q_len"), "kv_document_ids": ("batch", "kv_len")})
 
 
 def from_mod(mask_mod: MaskMod, *, name: str | None = None, per_batch: bool = True,
@@ -212,6 +180,13 @@ def from_mod(mask_mod: MaskMod, *, name: str | None = None, per_batch: bool = Tr
         raise TypeError(f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor; got {mask_mod!r}")
     label = name or getattr(mask_mod, "__name__", "user")
     return _Predicate(label, lambda t: mask_mod, {}, {}, None, per_head=per_head, per_batch=per_batch)
+
+
+def _structured(name: str, structure, tensors: dict[str, Tensor] | None = None,
+                dims: dict[str, tuple[str, ...]] | None = None) -> AttentionMask:
+    """A leaf mask whose predicate is its structure's (:meth:`MaskStructure.mask_mod`: the semantics are
+    written once, in :mod:`learnmask.masks.structure`)."""
+    return _Predicate(name, None, tensors or {}, dims or {}, structure)
 
 
 # -- argument checks ----------------------------------------------------------------------------

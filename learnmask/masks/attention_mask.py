@@ -1,7 +1,7 @@
 """The :class:`AttentionMask` object and its algebra (``&``, ``|``, ``~``): a ``mask_mod`` predicate
 with the tensors it reads, checked against every call's sizes, materialized as a keep-mask, an
 additive bias or a FlexAttention ``BlockMask`` (cached), and described by a
-:class:`~learnmask.ops.structure.MaskStructure` when it is a conjunction the structure can express.
+:class:`~learnmask.masks.structure.MaskStructure` when it is a conjunction the structure can express.
 
 The constructors (causal, padding, sliding window, ...) and the conventions are in
 :mod:`learnmask.masks.attention`, which re-exports :class:`AttentionMask`.
@@ -16,13 +16,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from learnmask.masks.attention_algebra import conjoin
 from learnmask.masks.attention_bias import keep_to_bias
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskMod, MaskStructure, conjoin
 
 __all__ = ["AttentionMask", "MaskMod", "Predicate"]
 
-MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # Which call size each dim of a mask's tensor must equal ("batch" may also be 1: shared).
 _Dims = tuple[str, ...]
 
@@ -156,7 +154,7 @@ class Predicate(AttentionMask):
 
     Args:
         name: shown in errors and ``repr`` (e.g. ``"sliding_window(128)"``).
-        build: ``tensors -> mask_mod``.
+        build: ``tensors -> mask_mod``, or None to use the structure's (``structure(tensors).mask_mod()``).
         tensors: name -> tensor the predicate reads (say, ``attention_mask`` ``(B, K)``); each is
             copied, so changing the caller's tensor afterwards changes neither the mask nor what
             it has cached (every backend sees the mask as it was built).
@@ -170,7 +168,7 @@ class Predicate(AttentionMask):
         ValueError: tensors on different devices.
     """
 
-    def __init__(self, name: str, build: Callable[[dict[str, Tensor]], MaskMod], tensors: dict[str, Tensor],
+    def __init__(self, name: str, build: Callable[[dict[str, Tensor]], MaskMod] | None, tensors: dict[str, Tensor],
                  dims: dict[str, _Dims], structure: Callable[[dict[str, Tensor]], MaskStructure] | None,
                  per_head: bool = False, per_batch: bool | None = None) -> None:
         super().__init__()
@@ -183,7 +181,7 @@ class Predicate(AttentionMask):
         self.per_head = per_head
         self.per_batch = per_batch if per_batch is not None else any(
             dims[n][0] == "batch" and t.shape[0] > 1 for n, t in tensors.items())
-        self.mask_mod = build(tensors)
+        self.mask_mod = structure(tensors).mask_mod() if build is None else build(tensors)
 
     @property
     def device(self) -> torch.device | None:

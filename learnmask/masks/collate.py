@@ -15,6 +15,7 @@ Legend: B batch, S longest sequence in the batch (rounded up to ``pad_to_multipl
 from __future__ import annotations
 
 import math
+from multiprocessing import context, sharedctypes
 from typing import Any, Sequence
 
 import torch
@@ -98,7 +99,7 @@ def tokenize_for_mlm(tokenizer, texts: Sequence[str], *, max_length: int | None 
     """Tokenize texts into collator examples with per-example word ids, from any fast tokenizer.
 
     Returns:
-        one dict per text: ``input_ids``, ``attention_mask``, ``special_tokens_mask`` (and
+        one dict per text (``[]`` for no text): ``input_ids``, ``attention_mask``, ``special_tokens_mask`` (and
         ``token_type_ids`` when the tokenizer makes them),
         ``word_ids`` (``-1`` = no word; from ``word_ids()``, never from token strings), and
         with ``offsets=True`` also ``offset_mapping`` and ``text``.
@@ -109,6 +110,8 @@ def tokenize_for_mlm(tokenizer, texts: Sequence[str], *, max_length: int | None 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer, so it has no word alignment; "
                          "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    if not texts:
+        return []
     encoding = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length,
                          return_special_tokens_mask=True, return_offsets_mapping=offsets)
     examples = []
@@ -146,6 +149,51 @@ class _Seeded:
         return self.generator
 
 
+class _SharedCount:
+    """A count of collated batches shared by a collator and the copies DataLoader workers hold.
+
+    Shared memory (``multiprocessing.sharedctypes.RawArray``) that forked workers inherit and
+    spawned ones receive with the collator. Each process adds to its own slot (the process that
+    made it: slot 0; worker ``i``: slot ``1 + i``), so no count is lost without a lock; the
+    count is the sum. A copy made any other way (``copy.deepcopy``, ``pickle``) counts on its own
+    from the current value.
+    """
+
+    SLOTS = 129  # the creating process + 128 workers (more share slots, and may lose counts)
+
+    def __init__(self, value: int = 0) -> None:
+        self._slots = sharedctypes.RawArray("q", self.SLOTS)
+        self._slots[0] = value
+
+    @property
+    def value(self) -> int:
+        return sum(self._slots)
+
+    @value.setter
+    def value(self, value: int) -> None:
+        for slot in range(self.SLOTS):
+            self._slots[slot] = 0
+        self._slots[0] = value
+
+    def take(self) -> int:
+        """The count before this batch; counts it."""
+        info = torch.utils.data.get_worker_info()
+        count = sum(self._slots)
+        self._slots[0 if info is None else 1 + info.id % (self.SLOTS - 1)] += 1
+        return count
+
+    def __reduce__(self):
+        if context.get_spawning_popen() is not None:  # a worker process starting: share the memory
+            return _shared_count, (self._slots,)
+        return _SharedCount, (self.value,)
+
+
+def _shared_count(slots) -> _SharedCount:
+    count = _SharedCount.__new__(_SharedCount)
+    count._slots = slots
+    return count
+
+
 class MLMCollator:
     """Pad a list of examples and mask them for MLM: ``{input_ids, attention_mask, labels}``.
 
@@ -166,6 +214,12 @@ class MLMCollator:
             Ankner et al., 2023): each call sets ``mlm_probability`` from its own count of
             batches, ``schedule(batches_collated // batches_per_step)``. Counting in the
             collator keeps the rate exact when a loader collates batches ahead of the step.
+            In a ``DataLoader`` with ``num_workers > 0`` the count is shared by all workers and
+            epochs (shared memory), so the schedule advances once per batch as without workers;
+            which of the batches collated at the same moment (at most ``num_workers *
+            prefetch_factor``) takes which count then depends on timing (``num_workers=0`` is
+            exactly reproducible). ``mlm_probability`` set in the training process reaches
+            workers started after it only.
         batches_per_step: batches per optimizer step (gradient accumulation), >= 1.
 
     Raises:
@@ -194,7 +248,17 @@ class MLMCollator:
         self._random = _Seeded(seed, generator)
         if not isinstance(batches_per_step, int) or batches_per_step < 1:
             raise ValueError(f"batches_per_step must be an int >= 1; got {batches_per_step!r}")
-        self.rate_schedule, self.batches_per_step, self.batches_collated = rate_schedule, batches_per_step, 0
+        self.rate_schedule, self.batches_per_step = rate_schedule, batches_per_step
+        self._count = _SharedCount()
+
+    @property
+    def batches_collated(self) -> int:
+        """Batches collated so far, by this collator and every DataLoader worker copy of it."""
+        return self._count.value
+
+    @batches_collated.setter
+    def batches_collated(self, value: int) -> None:
+        self._count.value = value
 
     @property
     def mlm_probability(self) -> float:
@@ -208,9 +272,9 @@ class MLMCollator:
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         """Examples → ``input_ids`` ``(B, S)`` masked, ``attention_mask``, ``labels`` (-100 =
         not predicted), and ``token_type_ids`` when the examples have them."""
+        collated = self._count.take()
         if self.rate_schedule is not None:
-            self.mlm_probability = self.rate_schedule(self.batches_collated // self.batches_per_step)
-        self.batches_collated += 1
+            self.mlm_probability = self.rate_schedule(collated // self.batches_per_step)
         batch = pad_examples(examples, self.pad_token_id, side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
         generator = self._random.get()
         candidates = candidate_mask(batch["input_ids"], batch["attention_mask"], special_ids=self.vocab.special_ids,

@@ -3,12 +3,13 @@
 - :mod:`learnmask.ops.attention`: the op, the backend registry, ``backend="auto"``;
 - :mod:`learnmask.ops.base`: :class:`AttentionInputs`, the :class:`AttentionBackend` protocol and
   the semantics every backend reproduces;
-- :mod:`learnmask.ops.structure`: :class:`MaskStructure`, the structured masks kernels evaluate;
+- the structured masks kernels evaluate (:class:`MaskStructure`), their row intervals and block
+  states live in :mod:`learnmask.masks.structure` and :mod:`learnmask.masks.structure_blocks`:
+  ``ops`` imports ``masks``, never the reverse;
 - backends: :mod:`~learnmask.ops.reference`, :mod:`~learnmask.ops.sdpa`, :mod:`~learnmask.ops.blocks`,
   :mod:`~learnmask.ops.flex`, :mod:`~learnmask.ops.triton_backend`.
 
-Names are imported on first access, so ``import learnmask.ops.structure`` stays light (and the
-mask module, which returns structures, can import it without a cycle).
+Names are imported on first access, so ``import learnmask.ops`` stays cheap.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["masked_attention", "register_backend", "get_backend", "auto_order", 
 
 _HOME = {name: "learnmask.ops.attention" for name in __all__[:9]}
 _HOME.update(AttentionInputs="learnmask.ops.base", AttentionBackend="learnmask.ops.base",
-             MaskStructure="learnmask.ops.structure")
+             MaskStructure="learnmask.masks.structure")
 
 
 def __getattr__(name: str):

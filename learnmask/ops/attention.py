@@ -32,8 +32,9 @@ from learnmask.ops.blocks import BlocksBackend
 from learnmask.ops.common import grad_needed
 from learnmask.ops.flex import BackendUnavailable, FlexBackend
 from learnmask.ops.inputs import prepare_inputs
+from learnmask.ops.nonfinite import non_finite_keys, with_finite_keys
 from learnmask.ops.reference import ReferenceBackend
-from learnmask.ops.sdpa import SDPABackend, _is_pure_causal
+from learnmask.ops.sdpa import SDPABackend, is_pure_causal
 
 __all__ = ["masked_attention", "register_backend", "get_backend", "auto_order", "backend_reasons",
            "choose_backend", "AutoChoice", "BackendNotSupported", "BackendUnavailable"]
@@ -125,19 +126,27 @@ def _reasons_of(name: str, inputs: AttentionInputs) -> list[str]:
 
 
 def backend_reasons(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
-                    token_gate: Tensor | None = None, scale: float | None = None) -> dict[str, list[str]]:
+                    token_gate: Tensor | None = None, scale: float | None = None,
+                    dropout_p: float = 0.0) -> dict[str, list[str]]:
     """For each backend in auto's order, why it would refuse these inputs (an empty list: it accepts)."""
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
     return {name: _reasons_of(name, inputs) for name in auto_order()}
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
                      token_gate: Tensor | None = None, backend: str | AttentionBackend = "auto",
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Attention restricted by a mask, with soft per-key token gates and per-head output gates.
 
     ``out[b, h, i] = sum_j softmax_j(scale * q_i . k_j + log z[b, j]) v_j`` over the keys j the mask
-    keeps (and z > 0), then ``out[b, h] *= head_gate[(b,) h]``. A query row that keeps no key gives
+    keeps (and z > 0), then ``out[b, h] *= head_gate[(b,) h]``; with ``dropout_p`` > 0 the softmax
+    weights are dropped out first, as in ``scaled_dot_product_attention``.
+
+    Non-finite inputs, the same on every backend (:mod:`learnmask.ops.nonfinite`): a key removed from
+    a row (by the mask or a token gate of 0) cannot affect that row, whatever k and v hold there; a
+    row that keeps a key with a non-finite k or v is NaN. Checking costs one pass over k and v (and
+    on CUDA one host synchronisation) per call. A query row that keeps no key gives
     exactly 0 and zero (finite) gradients on every backend. Grouped-query attention: query head h
     reads key/value head ``h // (Hq // Hkv)``.
 
@@ -156,6 +165,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
             :func:`choose_backend`), a registered name ("triton", "flex", "blocks", "sdpa",
             "reference") or a backend object.
         scale: score scale; default ``1 / sqrt(D)``.
+        dropout_p: probability in [0, 1) of zeroing each attention probability (the kept ones are
+            scaled by ``1 / (1 - p)``; SDPA's ``dropout_p``). The op does not look at a training
+            flag: pass 0.0 in eval, as Hugging Face models do. Taken by ``reference``, ``sdpa`` and
+            ``blocks``; ``flex`` and ``triton`` refuse p > 0, so ``auto`` does not pick them then.
+            Random draws come from torch's global generator (``torch.manual_seed`` repeats them).
 
     Returns:
         (B, Hq, Q, Dv) in q's dtype.
@@ -165,7 +179,16 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: T
         BackendNotSupported: the named backend (or, for "auto", every backend) refuses the inputs;
             the message lists each reason.
     """
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
+    bad = non_finite_keys(inputs)
+    if bad is None:
+        return _dispatch(inputs, backend)
+    return with_finite_keys(lambda clean: _dispatch(clean, backend), inputs, bad)
+
+
+def _dispatch(inputs: AttentionInputs, backend: str | AttentionBackend) -> Tensor:
+    """Run ``backend`` (a name, "auto" or a backend object) on validated inputs."""
     if not isinstance(backend, str):
         return _run_named(backend, backend.name, inputs)
     if backend != "auto":
@@ -223,7 +246,8 @@ class AutoChoice:
 
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
-                   token_gate: Tensor | None = None, scale: float | None = None) -> AutoChoice:
+                   token_gate: Tensor | None = None, scale: float | None = None,
+                   dropout_p: float = 0.0) -> AutoChoice:
     """The backend ``masked_attention(..., backend="auto")`` would run for these inputs, and why.
 
     Same arguments as :func:`masked_attention` (shapes there). Whether gradients are needed is read
@@ -262,7 +286,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Ten
         TypeError / ValueError: invalid arguments (as :func:`masked_attention`).
         BackendNotSupported: every backend refuses the inputs (the message lists each reason).
     """
-    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale)
+    inputs = prepare_inputs(q, k, v, mask=mask, head_gate=head_gate, token_gate=token_gate, scale=scale,
+                            dropout_p=dropout_p)
     choice = _choose(inputs)
     if not choice.ranking:
         raise BackendNotSupported("no masked-attention backend can run these inputs:\n" + _format(choice.refused))
@@ -285,7 +310,7 @@ def _choose(inputs: AttentionInputs) -> AutoChoice:
     grads = grad_needed(inputs)
     what = "forward+backward" if grads else "forward"
     no_mask = inputs.mask is None
-    causal_fast = inputs.token_gate is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
+    causal_fast = inputs.token_gate is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
     if "sdpa" in accepting and isinstance(get_backend("sdpa"), SDPABackend) and (no_mask or causal_fast):
         kind = "no mask: SDPA's fused kernel" if no_mask else "plain causal mask: SDPA's is_causal kernel"
         ranking = ["sdpa"] + [n for n in accepting if n != "sdpa"]

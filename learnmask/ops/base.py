@@ -8,10 +8,15 @@ Semantics every backend reproduces (the ``reference`` backend is the spec, in fl
     scores[b, h, i, j] = scale * <q[b, h, i], k[b, h // (Hq // Hkv), j]>
     a pair (i, j) is *kept* where the mask keeps it (keep-mask convention: True = attend)
     token_gate z[b, j] in [0, 1]: z == 0 removes key j; z > 0 adds log(z) to its score
-    out[b, h, i] = softmax over kept j of scores  @  v            (zeros if no key is kept)
+    P[b, h, i] = softmax over kept j of scores                     (zeros if no key is kept)
+    dropout_p p in [0, 1): each P[b, h, i, j] is zeroed with probability p, the rest scaled by
+        1 / (1 - p) (``scaled_dot_product_attention``'s ``dropout_p``; Srivastava et al., 2014)
+    out[b, h, i] = P[b, h, i] @ v
     head_gate g (Hq,) or (B, Hq): out[b, h] *= g[(b,) h]
 
-A fully masked query row gives exactly zeros and finite gradients.
+A fully masked query row gives exactly zeros and finite gradients (with dropout too). A key removed
+from a row cannot affect it, even where its k or v is NaN or infinite; a row keeping such a key is
+NaN (enforced by ``masked_attention`` for every backend: :mod:`learnmask.ops.nonfinite`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +47,7 @@ class AttentionInputs:
     head_gate: Tensor | None  # (Hq,) or (B, Hq), values in [0, 1] (any real value is allowed)
     token_gate: Tensor | None  # (B, K), values in [0, 1]
     scale: float
+    dropout_p: float = 0.0  # probability of zeroing an attention probability, in [0, 1)
 
 
 @runtime_checkable

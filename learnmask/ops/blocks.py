@@ -2,8 +2,8 @@
 queries never keeps, with a memory-lean backward. Runs on any device; the fast path for training on
 CPU, where FlexAttention has no backward.
 
-Plan (:mod:`learnmask.ops.row_plan`): each query row keeps an interval of keys, computed from the
-:class:`MaskStructure` in O(B·(Q + K)) — or from the mask evaluated ``block_q`` rows at a time for
+Plan (:mod:`learnmask.ops.row_plan`): each query row keeps an interval of keys, derived from the
+:class:`~learnmask.masks.structure.MaskStructure` in O(B·(Q + K)·log K) — or from the mask evaluated ``block_q`` rows at a time for
 user predicates and dense tensors. Rows are grouped so that each group reads one contiguous key
 range with little waste: one group per packed document, a band for a sliding window, a staircase
 for causal masks, one range of real keys for padding (per batch row when that is cheaper).
@@ -13,7 +13,8 @@ keep-mask only where the rectangle is partly masked. Backward: a custom autograd
 recomputes each group's probabilities ``backward_rows`` rows at a time (in float32 for fp16/bf16)
 and accumulates dQ, dK, dV and d(log z); it saves only q, k, v, the output and the log gate, never a
 (B, H, Q, K) tensor (FlashAttention-style recomputation; Dao et al., 2022). A pure causal mask goes
-to SDPA's own causal kernel, and a plan with a single group to plain SDPA (fused backward).
+to SDPA's own causal kernel, and a plan with a single group to plain SDPA (fused backward). With
+``dropout_p`` > 0 each group is one SDPA call with SDPA's dropout under plain autograd.
 
 Legend: B batch, Hq query heads, Hkv key/value heads (G = Hq // Hkv), Q query length, K key length,
 D head dim, Dv value head dim, L = k1 - k0 keys of one group.
@@ -29,11 +30,11 @@ from torch import Tensor
 
 from learnmask.ops import cpu_flash
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.block_plan import structure_tile
-from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups, row_intervals
-from learnmask.ops.common import apply_head_gate, log_gate
-from learnmask.ops.sdpa import _is_pure_causal, sdpa_with_mask
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
+from learnmask.masks.structure_blocks import row_intervals
+from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups
+from learnmask.ops.common import apply_head_gate, empty_attention, is_empty, log_gate
+from learnmask.ops.sdpa import is_pure_causal, sdpa_with_mask
 
 __all__ = ["BlocksBackend", "plan"]
 
@@ -62,11 +63,13 @@ class BlocksBackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q, k, v = inputs.q, inputs.k, inputs.v
-        if inputs.token_gate is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]:
+        if is_empty(inputs):
+            return empty_attention(inputs)
+        if inputs.token_gate is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]:
             # SDPA's own causal kernel skips the upper triangle with a fused backward: nothing to gather.
-            out = sdpa_with_mask(q, k, v, None, None, inputs.scale, is_causal=True)
+            out = sdpa_with_mask(q, k, v, None, None, inputs.scale, is_causal=True, dropout_p=inputs.dropout_p)
             return apply_head_gate(out, inputs.head_gate)
         groups, tile = plan(inputs, self.block_q)
         busy = [g for g in groups if g.k0 < g.k1]
@@ -76,12 +79,16 @@ class BlocksBackend:
             # differentiated by SDPA's fused backward.
             g = busy[0]
             keep = None if g.full else tile(g.b0, g.b1, g.q0, g.q1, g.k0, g.k1)
-            out = sdpa_with_mask(q, k[:, :, g.k0:g.k1], v[:, :, g.k0:g.k1], keep, None, inputs.scale)
+            out = sdpa_with_mask(q, k[:, :, g.k0:g.k1], v[:, :, g.k0:g.k1], keep, None, inputs.scale,
+                                 dropout_p=inputs.dropout_p)
             return apply_head_gate(out, inputs.head_gate)
         lg = None
         if inputs.token_gate is not None:
             lg = log_gate(inputs.token_gate, _compute_dtype(q.dtype)).expand(q.shape[0], k.shape[2])
-        out = _BlockAttention.apply(q, k, v, lg, groups, tile, inputs.scale, self.backward_rows)
+        if inputs.dropout_p > 0:
+            out = _groups_with_dropout(q, k, v, lg, groups, tile, inputs.scale, inputs.dropout_p)
+        else:
+            out = _BlockAttention.apply(q, k, v, lg, groups, tile, inputs.scale, self.backward_rows)
         return apply_head_gate(out, inputs.head_gate)
 
 
@@ -97,7 +104,7 @@ def plan(inputs: AttentionInputs, block_q: int) -> tuple[list[KVGroup], TileFn]:
             return row_intervals(structure, q_len, kv_len, device)
 
         def tile(b0, b1, q0, q1, k0, k1):
-            keep = structure_tile(structure, q0, q1, k0, k1, device)
+            keep = structure.tile(q0, q1, k0, k1, device)
             return keep if keep is None or keep.shape[0] == 1 else keep[b0:b1]
     else:
         rows = _tile_fn(inputs)
@@ -136,6 +143,23 @@ def _tile_fn(inputs: AttentionInputs):
         return mask.mask_mod(b, h, q, k).expand(b_len, h_len, q1 - q0, k1 - k0)
 
     return tile
+
+
+def _groups_with_dropout(q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, groups: list[KVGroup], tile: TileFn,
+                         scale: float, dropout_p: float) -> Tensor:
+    """Output (B, Hq, Q, Dv): one SDPA call with SDPA's dropout per group, differentiated by autograd
+    (PyTorch's fused CPU kernels take no dropout, and a recomputing backward would have to replay the
+    draws). Rows of groups with no key stay 0."""
+    out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    for g in groups:
+        if g.k0 == g.k1:
+            continue
+        keep = None if g.full else tile(g.b0, g.b1, g.q0, g.q1, g.k0, g.k1)
+        lg_g = None if lg is None else lg[g.b0:g.b1, None, None, g.k0:g.k1]
+        out[g.b0:g.b1, :, g.q0:g.q1] = sdpa_with_mask(
+            q[g.b0:g.b1, :, g.q0:g.q1], k[g.b0:g.b1, :, g.k0:g.k1], v[g.b0:g.b1, :, g.k0:g.k1], keep, lg_g, scale,
+            dropout_p=dropout_p)
+    return out
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

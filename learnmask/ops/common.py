@@ -11,7 +11,7 @@ from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
 
-__all__ = ["log_gate", "apply_head_gate", "dense_keep", "grad_needed", "expand_kv"]
+__all__ = ["log_gate", "apply_head_gate", "dense_keep", "grad_needed", "expand_kv", "is_empty", "empty_attention"]
 
 
 def log_gate(token_gate: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -61,3 +61,19 @@ def expand_kv(x: Tensor, query_heads: int) -> Tensor:
     ``h // (Hq // Hkv)``."""
     groups = query_heads // x.shape[1]
     return x if groups == 1 else repeat(x, "b hk k d -> b (hk g) k d", g=groups)
+
+
+def is_empty(inputs: AttentionInputs) -> bool:
+    """No query or no key (Q == 0 or K == 0)."""
+    return inputs.q.shape[2] == 0 or inputs.k.shape[2] == 0
+
+
+def empty_attention(inputs: AttentionInputs) -> Tensor:
+    """The answer to a call with Q == 0 or K == 0: (B, Hq, Q, Dv) zeros (a query with no key keeps
+    nothing), computed from q, k, v (and the gates) so that autograd gives them zero gradients."""
+    q, hq = inputs.q, inputs.q.shape[1]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, expand_kv(inputs.k, hq))  # (B, Hq, Q, K) with Q or K == 0
+    out = torch.einsum("bhqk,bhkd->bhqd", scores, expand_kv(inputs.v, hq))
+    if inputs.token_gate is not None:
+        out = out + 0 * inputs.token_gate.sum().to(out.dtype)
+    return apply_head_gate(out, inputs.head_gate)

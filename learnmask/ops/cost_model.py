@@ -80,6 +80,12 @@ def estimate(backend: AttentionBackend, inputs: AttentionInputs, grads: bool, st
         return None if value is None else float(value)
     work, gain = work_per_pair(inputs), threads_gain()
     dense = dense_pairs(inputs) * work
+    if inputs.dropout_p > 0 and isinstance(backend, (SDPABackend, BlocksBackend)):
+        # SDPA's dropout runs its math kernel on CPU: every computed pair at the eager rate, for sdpa on
+        # the dense mask and for blocks on its plan's groups (plus a call per group)
+        pairs, calls, _ = stats() if isinstance(backend, BlocksBackend) else (dense_pairs(inputs), 0, 0)
+        fwd = pairs * work / _R_EAGER / gain + calls * _C_CALL
+        return fwd * (1 + _BWD) if grads else fwd
     if isinstance(backend, SDPABackend):
         fwd = dense / (_R_DENSE if inputs.mask is None else _R_MASKED) / gain
         if not grads:

@@ -25,22 +25,25 @@ from torch import Tensor
 
 from learnmask.masks.attention import AttentionMask, bias_to_keep
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
-__all__ = ["prepare_inputs"]
+__all__ = ["prepare_inputs", "check_dropout"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def prepare_inputs(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Tensor | None = None,
-                   token_gate: Tensor | None = None, scale: float | None = None) -> AttentionInputs:
+                   token_gate: Tensor | None = None, scale: float | None = None,
+                   dropout_p: float = 0.0) -> AttentionInputs:
     """Check and normalize the arguments of ``masked_attention`` (see its docstring for shapes).
 
     Raises:
         TypeError: an argument is not a tensor / mask of an accepted kind or dtype.
-        ValueError: shapes or devices do not fit together, gate values outside [0, 1].
+        ValueError: shapes or devices do not fit together, gate values outside [0, 1], ``dropout_p``
+            outside [0, 1).
     """
     _check_qkv(q, k, v)
+    dropout_p = check_dropout(dropout_p)
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     if scale is None:
@@ -51,7 +54,23 @@ def prepare_inputs(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Ten
     token_gate = _check_gate(token_gate, "token_gate", [(batch, kv_len), (1, kv_len)], "(B, K)", q.device, True)
     head_gate = _check_gate(head_gate, "head_gate", [(heads,), (batch, heads)], "(Hq,) or (B, Hq)", q.device, False)
     return AttentionInputs(q=q, k=k, v=v, mask=mask, structure=structure, head_gate=head_gate,
-                           token_gate=token_gate, scale=float(scale))
+                           token_gate=token_gate, scale=float(scale), dropout_p=dropout_p)
+
+
+def check_dropout(dropout_p) -> float:
+    """``dropout_p`` as a float in [0, 1).
+
+    Raises:
+        TypeError: not a real number (a bool or a tensor included).
+        ValueError: outside [0, 1) or not finite.
+    """
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1) (the probability of zeroing an attention weight); "
+                        f"got {type(dropout_p).__name__} {dropout_p!r}")
+    if not (math.isfinite(dropout_p) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1) (the probability of zeroing an attention weight; "
+                         f"pass 0.0 in eval); got {dropout_p!r}")
+    return float(dropout_p)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -3,7 +3,8 @@
 Computes exactly the semantics of :mod:`learnmask.ops.base` with a dense (B, Hq, Q, K) score
 tensor, so it is for tests and small shapes. A fully masked row (no kept key, or every kept key
 gated to z == 0) gives zeros and zero gradients: its softmax denominator is replaced by 1 and its
-row maximum by 0 before any ``inf - inf`` can appear.
+row maximum by 0 before any ``inf - inf`` can appear. Dropout (``dropout_p``) is drawn explicitly on
+the probabilities in the compute dtype from torch's global generator.
 
 Legend: B batch, Hq query heads, Hkv key/value heads, Q query length, K key length, D head dim,
 Dv value head dim.
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.common import apply_head_gate, dense_keep, expand_kv, log_gate
+from learnmask.ops.common import apply_head_gate, dense_keep, empty_attention, expand_kv, is_empty, log_gate
 
 __all__ = ["ReferenceBackend"]
 
@@ -39,8 +40,10 @@ class ReferenceBackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q = inputs.q
+        if is_empty(inputs):
+            return empty_attention(inputs)
         dtype = q.dtype if self.compute_dtype == "input" else self.compute_dtype
         hq = q.shape[1]
         k, v = expand_kv(inputs.k.to(dtype), hq), expand_kv(inputs.v.to(dtype), hq)
@@ -58,5 +61,9 @@ class ReferenceBackend:
         weights = torch.exp(scores - row_max)
         denom = weights.sum(-1, keepdim=True)
         denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        out = torch.einsum("bhqk,bhkd->bhqd", weights / denom, v)
+        probs = weights / denom
+        if inputs.dropout_p > 0:  # SDPA's dropout: zero with probability p, scale the rest by 1 / (1 - p)
+            kept = torch.rand(probs.shape, dtype=dtype, device=probs.device) >= inputs.dropout_p
+            probs = probs * kept / (1.0 - inputs.dropout_p)
+        out = torch.einsum("bhqk,bhkd->bhqd", probs, v)
         return apply_head_gate(out, inputs.head_gate).to(q.dtype)

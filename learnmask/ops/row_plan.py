@@ -1,11 +1,9 @@
 """Plan of a block-gathered attention: groups of query rows, each with the one key range it needs.
 
-Every structured predicate keeps, for query row i of batch row b, an *interval* of keys: causal
-``[0, i+1)``, prefix-LM ``[0, max(i+1, P_b))``, window ``[i-W+1, i+1)``, chunk ``[C⌊i/C⌋, C⌊i/C⌋+C)``,
-documents the span from the first to the last key of the query's document, key padding the span of
-real keys. The conjunction keeps a subset of the intersection of those intervals, and exactly all of
-it ("exact") unless a document or the padding has holes in that span. :func:`row_intervals`
-computes ``lo, hi, exact`` per (batch row, query) in O(B·(Q + K) log K) — never per (query, key) pair.
+Each query row keeps its keys inside one interval ``[lo, hi)`` (all of it when "exact"): for a
+structured mask :func:`learnmask.masks.structure_blocks.row_intervals` gives them from the
+structure; for any other mask :func:`keep_intervals` reads them off the mask evaluated a chunk of
+rows at a time.
 
 :func:`plan_groups` cuts the queries into chunks of ``chunk`` rows, takes each chunk's union of
 intervals, and merges neighbouring chunks while the merged rectangle stays within ``1 + slack`` of
@@ -23,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learnmask.ops.structure import MaskStructure
 
-__all__ = ["KVGroup", "row_intervals", "keep_intervals", "plan_groups"]
+__all__ = ["KVGroup", "keep_intervals", "plan_groups"]
 
 # Rough CPU costs for choosing a per-row or a shared plan: seconds per call, multiply-adds per second.
 _CALL_S = 5e-4
@@ -47,41 +44,6 @@ class KVGroup:
     full: bool
 
 
-def row_intervals(s: MaskStructure, q_len: int, kv_len: int,
-                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-    """Key interval ``[lo, hi)`` of every query row and whether it is kept entirely.
-
-    Returns:
-        lo, hi: int64 (B, Q) with ``0 <= lo <= hi <= K`` (``lo == hi``: nothing kept);
-        exact: bool (B, Q), True when every key of ``[lo, hi)`` is kept.
-    """
-    i = torch.arange(q_len, device=device)[None, :]
-    lo = torch.zeros(1, q_len, dtype=torch.int64, device=device)
-    hi = torch.full((1, q_len), kv_len, dtype=torch.int64, device=device)
-    exact = torch.ones(1, q_len, dtype=torch.bool, device=device)
-    if s.causal:
-        top = i + 1
-        if s.prefix_lengths is not None:
-            top = torch.maximum(top, s.prefix_lengths.to(device)[:, None])
-        hi = torch.minimum(hi, top)
-    if s.window is not None:
-        lo, hi = torch.maximum(lo, i - s.window + 1), torch.minimum(hi, i + 1)
-    if s.chunk_size is not None:
-        start = (i // s.chunk_size) * s.chunk_size
-        lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + s.chunk_size)
-    if s.q_document_ids is not None:
-        d_lo, d_hi, d_exact = _document_spans(s.q_document_ids.to(device), s.kv_document_ids.to(device))
-        lo, hi, exact = torch.maximum(lo, d_lo), torch.minimum(hi, d_hi), exact & d_exact
-    if s.key_padding is not None:
-        real = s.key_padding.to(device=device, dtype=torch.bool)
-        p_lo, p_hi, p_exact = _span(real)
-        lo, hi, exact = torch.maximum(lo, p_lo[:, None]), torch.minimum(hi, p_hi[:, None]), exact & p_exact[:, None]
-    lo = lo.clamp(0, kv_len)
-    hi = torch.maximum(hi.clamp(0, kv_len), lo)
-    batch = max(lo.shape[0], hi.shape[0], exact.shape[0])
-    return lo.expand(batch, q_len), hi.expand(batch, q_len), exact.expand(batch, q_len)
-
-
 def _span(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """First and one-past-last True of each row of (B, K), and whether all between are True."""
     kv_len = keep.shape[-1]
@@ -91,28 +53,6 @@ def _span(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     any_kept = last > 0
     first, last = torch.where(any_kept, first, 0), torch.where(any_kept, last, 0)
     return first, last, keep.sum(-1) == last - first
-
-
-def _document_spans(q_ids: Tensor, kv_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per query, the span of key positions holding its document id, and whether it has no holes."""
-    batch, kv_len = kv_ids.shape
-    lo_id = torch.minimum(q_ids.min(), kv_ids.min())
-    width = torch.maximum(q_ids.max(), kv_ids.max()) - lo_id + 1
-    rows = torch.arange(batch, device=kv_ids.device)[:, None] * width
-    kv_keys, q_keys = (kv_ids - lo_id + rows).flatten(), (q_ids - lo_id + rows)
-    unique, inverse = torch.unique(kv_keys, return_inverse=True)
-    pos = torch.arange(kv_len, device=kv_ids.device).repeat(batch)
-    first = torch.full((unique.numel(),), kv_len, dtype=torch.int64, device=kv_ids.device)
-    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
-    last = torch.zeros(unique.numel(), dtype=torch.int64, device=kv_ids.device)
-    last = last.scatter_reduce(0, inverse, pos + 1, reduce="amax")
-    count = torch.zeros(unique.numel(), dtype=torch.int64, device=kv_ids.device)
-    count = count.scatter_add(0, inverse, torch.ones_like(pos))
-    where = torch.searchsorted(unique, q_keys).clamp(max=unique.numel() - 1)
-    present = unique[where] == q_keys
-    lo = torch.where(present, first[where], 0)
-    hi = torch.where(present, last[where], 0)
-    return lo, hi, torch.where(present, count[where] == hi - lo, True)
 
 
 def keep_intervals(tile_rows, batch: int, q_len: int, kv_len: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:

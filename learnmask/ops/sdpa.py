@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.common import apply_head_gate, dense_keep, expand_kv, log_gate
-from learnmask.ops.structure import MaskStructure
+from learnmask.ops.common import apply_head_gate, dense_keep, empty_attention, expand_kv, is_empty, log_gate
+from learnmask.masks.structure import MaskStructure
 
 __all__ = ["SDPABackend", "sdpa_with_mask"]
 
@@ -26,17 +26,14 @@ __all__ = ["SDPABackend", "sdpa_with_mask"]
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-def _is_pure_causal(s: MaskStructure | None) -> bool:
+def is_pure_causal(s: MaskStructure | None) -> bool:
     """Whether ``s`` is exactly the causal mask (nothing else)."""
-    if s is None:
-        return False
-    return s.causal and all(getattr(s, f) is None for f in (
-        "prefix_lengths", "window", "chunk_size", "q_document_ids", "kv_document_ids", "key_padding"))
+    return s is not None and s.is_pure_causal
 
 
 def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Tensor | None, scale: float,
-                   is_causal: bool = False) -> Tensor:
-    """SDPA with a keep-mask and/or a log gate, zeros for rows with no kept key.
+                   is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """SDPA with a keep-mask and/or a log gate (and SDPA's own dropout), zeros for rows with no kept key.
 
     Args:
         q: (B, Hq, Q, D); k, v: (B, Hkv, K, D | Dv).
@@ -66,7 +63,7 @@ def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Ten
         else:
             k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-                                         scale=scale, **kwargs)
+                                         scale=scale, dropout_p=dropout_p, **kwargs)
     if row_ok is not None:
         out = out.masked_fill(~row_ok, 0)
     return out
@@ -74,7 +71,8 @@ def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, lg: Ten
 
 class SDPABackend:
     """Dense-mask ``scaled_dot_product_attention``: takes every input; memory grows as B·Q·K for
-    the mask (and B·Hq·Q·K inside SDPA when a gate needs gradients)."""
+    the mask (and B·Hq·Q·K inside SDPA when a gate needs gradients, or with dropout, which SDPA
+    computes with its math kernel on CPU)."""
 
     name = "sdpa"
 
@@ -83,10 +81,12 @@ class SDPABackend:
         return []
 
     def __call__(self, inputs: AttentionInputs) -> Tensor:
-        """Output (B, Hq, Q, Dv) in q's dtype."""
+        """Output (B, Hq, Q, Dv) in q's dtype (zeros when Q == 0 or K == 0)."""
         q, k = inputs.q, inputs.k
+        if is_empty(inputs):
+            return empty_attention(inputs)
         lg = None if inputs.token_gate is None else log_gate(inputs.token_gate, q.dtype)[:, None, None, :]
-        causal_fast = lg is None and _is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
+        causal_fast = lg is None and is_pure_causal(inputs.structure) and q.shape[2] == k.shape[2]
         keep = None if causal_fast else dense_keep(inputs)
-        out = sdpa_with_mask(q, k, inputs.v, keep, lg, inputs.scale, is_causal=causal_fast)
+        out = sdpa_with_mask(q, k, inputs.v, keep, lg, inputs.scale, is_causal=causal_fast, dropout_p=inputs.dropout_p)
         return apply_head_gate(out, inputs.head_gate)

@@ -1,7 +1,7 @@
 """The ``triton`` masked-attention backend: a fused FlashAttention-2 kernel (Dao, 2023) that skips
 fully masked blocks and fuses soft token gates.
 
-The kernel evaluates a :class:`~learnmask.ops.structure.MaskStructure` (causal, prefix-LM, sliding
+The kernel evaluates a :class:`~learnmask.masks.structure.MaskStructure` (causal, prefix-LM, sliding
 window, chunks, packed documents, key padding) from a few integers and small per-row tables: each
 query block visits only the key blocks that hold a kept pair, evaluates the mask elementwise only in
 partial blocks, and never allocates a (B, H, Q, K) tensor. A token gate z (B, K) adds ``log z[b, j]``
@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor
 
 from learnmask.ops.base import AttentionInputs
-from learnmask.ops.structure import MaskStructure
+from learnmask.masks.structure import MaskStructure
 
 MAX_HEAD_DIM = 128
 _KERNELS = "learnmask.ops.triton_kernels"
@@ -106,6 +106,9 @@ def _tensor_reasons(inputs: AttentionInputs) -> list[str]:
         reasons.append(f"query heads {q.shape[1]} are not a multiple of key/value heads {k.shape[1]}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         reasons.append("empty sequence (Q == 0 or K == 0); use the reference backend")
+    if inputs.dropout_p > 0:
+        reasons.append(f"dropout_p={inputs.dropout_p}: the fused kernel has no attention dropout; 'sdpa', "
+                       "'blocks' and 'reference' take it")
     if inputs.token_gate is not None and tuple(inputs.token_gate.shape) not in ((q.shape[0], k.shape[2]),
                                                                                 (1, k.shape[2])):
         reasons.append(f"token_gate has shape {tuple(inputs.token_gate.shape)}; expected (B, K) = "
@@ -184,7 +187,7 @@ def _accept_key(inputs: AttentionInputs, structure: MaskStructure | None):
         return None
     z = inputs.token_gate
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            None if z is None else z.shape,
+            None if z is None else z.shape, inputs.dropout_p,
             *(None if t is None else t.shape for t in (structure.prefix_lengths, structure.q_document_ids,
                                                        structure.kv_document_ids, structure.key_padding)))
 

@@ -8,7 +8,7 @@ That is the same as ``import triton``: triton's own ``@jit`` library functions a
 triton is imported, and a kernel interpreted while they are not (or the converse) fails at launch.
 So the variable goes in the environment before triton is first imported and stays set.
 
-The mask is the one of :class:`learnmask.ops.structure.MaskStructure`, reduced per query row i to a
+The mask is the one of :class:`learnmask.masks.structure.MaskStructure`, reduced per query row i to a
 key interval ``[lo_i, hi_i)``: causal, prefix-LM, window and chunk bounds come analytically from a
 few integers; documents and key padding from an optional per-row table (B, 4, Q) of
 ``lo, hi, full_lo, full_hi`` computed by the launcher. ``[lo_i, hi_i)`` is exact when the table's

@@ -1,10 +1,13 @@
 """Launching the fused masked-attention kernels: per-row interval tables, tuning, autograd.
 
-Imported only when the ``triton`` backend runs (it imports triton and the kernels). The block
-tables FlashAttention-style kernels need are reduced here to per-row key intervals and per-key
-query intervals (:func:`interval_tables`), computed with a few vectorised torch ops and no host
-synchronisation, and cached per :class:`MaskStructure` object (like a FlexAttention ``BlockMask``
-that is built once and reused across layers and steps).
+Imported only when the ``triton`` backend runs (it imports triton and the kernels). Everything the
+kernels read about the mask comes from the :class:`~learnmask.masks.structure.MaskStructure`: the
+position conditions as integers (:meth:`~learnmask.masks.structure.MaskStructure.kernel_scalars`,
+restated in Triton by ``_row_bounds`` / ``_col_bounds``) and the key conditions as per-row key spans
+and per-key query spans (:func:`interval_tables`, from
+:func:`learnmask.masks.structure_blocks.key_spans`), computed with vectorised torch ops and cached
+per :class:`MaskStructure` object (like a FlexAttention ``BlockMask`` that is built once and reused
+across layers and steps).
 
 Host work per call is kept small, because at small shapes the GPU finishes a kernel faster than
 Python launches it: everything that depends only on the structure, the shapes, the dtype and the
@@ -30,9 +33,10 @@ import triton
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from learnmask.masks.structure import MaskStructure
+from learnmask.masks.structure_blocks import key_spans
 from learnmask.ops import triton_kernels as fwd_kernels
 from learnmask.ops import triton_kernels_bwd as bwd_kernels
-from learnmask.ops.structure import MaskStructure
 
 LOG2E = 1.4426950408889634
 DOC_SENTINEL = torch.iinfo(torch.int64).min
@@ -61,63 +65,33 @@ def _per_batch(t: Tensor, batch: int, device: torch.device, dtype: torch.dtype) 
     return t.expand(batch, *t.shape[1:]).contiguous()
 
 
-def _sorted_rows(ids: Tensor) -> Tensor:
-    """(B,) bool: each row of ids (B, N) is non-decreasing."""
-    return (ids[:, 1:] >= ids[:, :-1]).all(dim=1)
-
-
-def _doc_intervals(q_doc: Tensor, kv_doc: Tensor, q_len: int, kv_len: int):
-    """Key interval of each query's document (exact where key ids are sorted) and the converse."""
-    kv_sorted, q_sorted = _sorted_rows(kv_doc), _sorted_rows(q_doc)
-    r_lo = torch.searchsorted(kv_doc, q_doc)
-    r_hi = torch.searchsorted(kv_doc, q_doc, right=True)
-    r_lo = torch.where(kv_sorted[:, None], r_lo, 0)
-    r_hi = torch.where(kv_sorted[:, None], r_hi, kv_len)
-    c_lo = torch.searchsorted(q_doc, kv_doc)
-    c_hi = torch.searchsorted(q_doc, kv_doc, right=True)
-    c_full = (torch.where(q_sorted[:, None], c_lo, 0), torch.where(q_sorted[:, None], c_hi, 0))
-    c_lo = torch.where(q_sorted[:, None], c_lo, 0)
-    c_hi = torch.where(q_sorted[:, None], c_hi, q_len)
-    return r_lo, r_hi, kv_sorted, c_lo, c_hi, c_full
-
-
 def interval_tables(structure: MaskStructure, batch: int, q_len: int, kv_len: int,
                     device: torch.device) -> IntervalTables | None:
     """Interval tables of the documents and key padding of ``structure``; None when it has neither.
 
-    Sorted (packed) documents and a single run of real keys (left or right padding) give exact
-    intervals, so kernels visit only the key blocks of a query block's documents; anything else is
-    still correct, with an elementwise document check in the visited blocks.
+    Derived from :func:`learnmask.masks.structure_blocks.key_spans` (the key conditions as the
+    tightest span per query and per key): sorted (packed) documents and a single run of real keys
+    give exact spans, so kernels visit only the key blocks of a query block's documents; anything
+    else is still correct, with an elementwise document check in the visited blocks.
     """
-    has_docs = structure.q_document_ids is not None
-    if not has_docs and structure.key_padding is None:
+    spans = key_spans(structure, q_len, kv_len, device)
+    if spans is None:
         return None
-    zeros_q = torch.zeros(batch, q_len, dtype=torch.int64, device=device)
-    zeros_k = torch.zeros(batch, kv_len, dtype=torch.int64, device=device)
-    if has_docs:
+    (r_lo, r_hi, r_exact), (c_lo, c_hi, c_exact) = ((_per_batch(t, batch, device, t.dtype) for t in side)
+                                                    for side in spans)
+    if structure.q_document_ids is not None:
         q_doc = _per_batch(structure.q_document_ids, batch, device, torch.int64)
         kv_doc = _per_batch(structure.kv_document_ids, batch, device, torch.int64)
-        r_lo, r_hi, exact, c_lo, c_hi, (c_flo, c_fhi) = _doc_intervals(q_doc, kv_doc, q_len, kv_len)
     else:
-        q_doc, kv_doc = zeros_q, zeros_k
-        r_lo, r_hi, c_lo, c_flo = zeros_q, zeros_q + kv_len, zeros_k, zeros_k
-        c_hi = c_fhi = zeros_k + q_len
-        exact = torch.ones(batch, dtype=torch.bool, device=device)
+        q_doc = torch.zeros(batch, q_len, dtype=torch.int64, device=device)
+        kv_doc = torch.zeros(batch, kv_len, dtype=torch.int64, device=device)
     if structure.key_padding is not None:
-        real = _per_batch(structure.key_padding, batch, device, torch.bool)
-        n_real = real.sum(dim=1)
-        first = torch.argmax(real.to(torch.int8), dim=1)
-        last = kv_len - torch.argmax(real.flip(1).to(torch.int8), dim=1)
-        first, last = torch.where(n_real > 0, first, 0), torch.where(n_real > 0, last, 0)
-        exact = exact & (n_real == last - first)
-        r_lo, r_hi = torch.maximum(r_lo, first[:, None]), torch.minimum(r_hi, last[:, None])
-        c_lo, c_hi = torch.where(real, c_lo, 0), torch.where(real, c_hi, 0)
-        c_flo, c_fhi = torch.where(real, c_flo, 0), torch.where(real, c_fhi, 0)
-        kv_doc = torch.where(real, kv_doc, DOC_SENTINEL)
-    r_flo, r_fhi = torch.where(exact[:, None], r_lo, 0), torch.where(exact[:, None], r_hi, 0)
-    rows = torch.stack([r_lo, r_hi, r_flo, r_fhi], dim=1).to(torch.int32).contiguous()
-    cols = torch.stack([c_lo, c_hi, c_flo, c_fhi], dim=1).to(torch.int32).contiguous()
-    return IntervalTables(rows, cols, q_doc.contiguous(), kv_doc.contiguous(), exact.to(torch.int32))
+        kv_doc = torch.where(_per_batch(structure.key_padding, batch, device, torch.bool), kv_doc, DOC_SENTINEL)
+    rows = torch.stack([r_lo, r_hi, torch.where(r_exact, r_lo, 0), torch.where(r_exact, r_hi, 0)], dim=1)
+    cols = torch.stack([c_lo, c_hi, torch.where(c_exact, c_lo, 0), torch.where(c_exact, c_hi, 0)], dim=1)
+    exact = r_exact.all(dim=1)
+    return IntervalTables(rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous(), q_doc.contiguous(),
+                          kv_doc.contiguous(), exact.to(torch.int32))
 
 
 _CACHE: "weakref.WeakKeyDictionary[MaskStructure, dict]" = weakref.WeakKeyDictionary()
@@ -203,19 +177,18 @@ def _cached_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, d
 
 def _make_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dtype, device, scale, blocks, has_gate,
                prefix, tables) -> LaunchPlan:
-    window = 0 if structure.window is None else min(structure.window, q_len + kv_len)
-    chunk = 0 if structure.chunk_size is None else min(structure.chunk_size, q_len + kv_len)
+    position = structure.kernel_scalars(q_len, kv_len)  # the kernel restates these in _row_bounds/_col_bounds
+    window, chunk = position["window"], position["chunk"]
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
     t = tables
     pointers = (dummy if prefix is None else prefix, dummy if t is None else t.rows, dummy if t is None else t.q_doc,
                 dummy if t is None else t.kv_doc, dummy if t is None else t.exact)
     meta = dict(HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=_pad_dim(dim), BLOCK_DV=_pad_dim(dim_v), HAS_GATE=has_gate,
                 HAS_PREFIX=prefix is not None, HAS_TABLE=t is not None, PREC=_dot_precision(dtype))
-    scalars = dict(H=heads, GROUP=heads // kv_heads, Q=q_len, K=kv_len, causal=int(structure.causal),
-                   window=window, chunk=chunk)
+    scalars = dict(H=heads, GROUP=heads // kv_heads, Q=q_len, K=kv_len, **position)
     tune_key = (_bucket(q_len), _bucket(kv_len), _bucket(batch * heads), heads // kv_heads, dim, dim_v, str(dtype),
-                has_gate, prefix is not None, t is not None, int(structure.causal), window > 0, chunk > 0)
-    return LaunchPlan(int(structure.causal), window, chunk, prefix, t, scale, blocks, dummy, pointers,
+                has_gate, prefix is not None, t is not None, position["causal"], window > 0, chunk > 0)
+    return LaunchPlan(position["causal"], window, chunk, prefix, t, scale, blocks, dummy, pointers,
                       dummy if t is None else t.cols,
                       (0, 0) if t is None else (t.rows.stride(0), t.rows.stride(1)),
                       (0, 0) if t is None else (t.cols.stride(0), t.cols.stride(1)), meta, scalars, tune_key,

@@ -210,7 +210,7 @@ class TrainingLoop:
         remove_stale_temporaries(path)
         if not path.exists():
             return
-        state = load_torch_file(path, what="checkpoint")
+        state = load_torch_file(path, what="run checkpoint")
         restart = "delete it to restart the run from its first step"
         if not isinstance(state, dict) or set(state) != _STATE_KEYS or state["format"] != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a checkpoint this version of learnmask wrote; {restart}")

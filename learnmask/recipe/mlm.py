@@ -118,7 +118,7 @@ def warm_head(cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, eval
     """
     path = pathlib.Path(cache_dir) / f"mlm-head-{cfg.head_key()}.pt"
     if path.exists():
-        cached = load_torch_file(path, what="cached MLM head")
+        cached = load_torch_file(path, what="MLM head cache")
         unexpected = model.load_state_dict(cached["head"], strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{path} holds {unexpected}, which {type(model).__name__} lacks; remove the cached head")

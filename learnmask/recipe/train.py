@@ -97,7 +97,7 @@ def dense_weights(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | 
     with exclusive(path):
         if not path.exists():
             fit(cfg, pathlib.Path(cache_dir) / f"run-{cfg.key()}", cache_dir=cache_dir, progress=progress)
-    return load_torch_file(path, what="cached dense model")
+    return load_torch_file(path, what="dense-weights cache")
 
 
 class ClassifyTask:
