@@ -133,3 +133,15 @@ def test_committed_results_keep_their_run_keys(name):
     assert all(config.from_dict(r["config"]).key() == r["key"] for r in records)
     assert {cfg.key() for _, cfg in grid.cells(full=True)} <= {r["key"] for r in records}  # (older rows stay too)
     assert pathlib.Path(root / "experiments" / "grids" / f"{name}.toml").read_text() == bundled_grid(name).read_text()
+
+
+def test_the_readme_mask_table_row_is_a_valid_grid_row(tmp_path):
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    row = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    grid = load_grid(write(tmp_path, 'name = "study"\n' + row))
+    cells = grid.cells()
+    assert [c.target_sparsity for _, c in cells] == [0.5, 0.9]
+    spec = cells[0][1].mask_spec()
+    assert spec.units == ("heads", "ffn") and spec.sparsity == "parameters" and spec.controller == "lagrangian"

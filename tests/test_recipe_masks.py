@@ -117,4 +117,4 @@ def test_throughput_is_the_median_of_interleaved_passes_on_two_threads(monkeypat
                                        data, 0)
     assert order == ["a", "b"] * 6  # a warm-up pass, then 5 timed passes, alternating
     assert set(threads) == {2} and torch.get_num_threads() == before
-    assert speed == {"a": 256.0, "b": 256.0}  # 256 examples (8 batches of 32) per pass of 1 clock tick
+    assert speed == {"a": 128.0, "b": 128.0}  # 128 examples (4 batches of 32) per pass of 1 clock tick

@@ -1,7 +1,7 @@
 """Where a gated run ends: the finalized model checked against the gated one, and measured
 inference throughput relative to the dense model.
 
-Throughput: batches of 32 held-out examples (the first 256, fixed order, each batch padded
+Throughput: batches of 32 held-out examples (the first 128, fixed order, each batch padded
 to its own longest sequence) on 2 threads, in inference mode. One warm-up pass, then 5 timed
 passes of every model, interleaved (dense, finalized, dense, ...) so that load from other
 processes hits both alike; each model's time is the median pass. The dense model is the same
@@ -25,7 +25,7 @@ from learnmask.recipe.model import EncodedTexts, batches
 
 THROUGHPUT_BATCH_SIZE = 32
 THROUGHPUT_THREADS = 2
-THROUGHPUT_BATCHES = 8
+THROUGHPUT_BATCHES = 4
 WARMUP_PASSES = 1
 TIMED_PASSES = 5
 #: Predictions of the gated and the finalized model may differ only where the gated model's two
@@ -106,7 +106,7 @@ def measure_throughput(models: dict[str, tuple[nn.Module, Callable[[], ContextMa
     Args:
         models: name -> (model, context): the model is timed inside ``context()`` (say,
             ``handle.detached`` for the dense reference; ``contextlib.nullcontext`` otherwise).
-        data: held-out examples (the first 256 are used).
+        data: held-out examples (the first 128 are used).
 
     Returns:
         name -> examples per second (median pass).
