@@ -20,7 +20,7 @@ from learnmask.cli import main
 from learnmask.recipe import train as recipe
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.results import read_results
-from test_recipe_train import config, tiny  # noqa: F401 (fixture)
+from test_recipe_train import config
 
 ROOT = pathlib.Path(__file__).parents[1]
 GRID = """
@@ -43,43 +43,14 @@ target_sparsity = [0.5]
 """
 
 
-class Boom:
-    """Pickled, it runs a shell command when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def grid_file(tmp_path, text=GRID):
     path = tmp_path / "g.toml"
     path.write_text(text)
     return path
 
 
-# -- 1. loading a file can run code -----------------------------------------------------------
-
-def test_a_checkpoint_that_would_run_code_is_refused_not_loaded(tiny, tmp_path):
-    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=1)
-    marker = tmp_path / "pwned"
-    (tmp_path / "run").mkdir()
-    torch.save({"format": 2, "key": cfg.key(), "evil": Boom(marker)}, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"run checkpoint .*checkpoint.pt (was refused|cannot be read)"):
-        recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
-    assert not marker.exists()
-
-
-def test_a_cached_dense_model_that_would_run_code_is_refused(tiny, tmp_path):
-    cfg = config(method="importance", target_sparsity=0.5, epochs=1)
-    marker = tmp_path / "pwned"
-    (tmp_path / "cache").mkdir()
-    torch.save({"evil": Boom(marker)}, tmp_path / "cache" / f"dense-{recipe.dense_twin(cfg).key()}.pt")
-    with pytest.raises(ValueError, match="dense-weights cache .* (was refused|cannot be read)"):
-        recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
-    assert not marker.exists()
-
+# -- 1. loading a file can run code: tests/test_security.py (every file the recipes read back,
+# crafted to run code, is refused and runs nothing) -------------------------------------------------
 
 # -- 2. a result counted twice; a cell trained twice -------------------------------------------
 
@@ -272,8 +243,7 @@ def test_a_full_disk_keeps_the_checkpoint_and_the_rerun_records_without_training
 
 
 def tiny_load(cfg):
-    from conftest import tiny_bert
-    from test_recipe_train import synthetic
+    from conftest import synthetic, tiny_bert
 
     torch.manual_seed(cfg.seed)
     return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(96, 0), synthetic(64, 1), 0

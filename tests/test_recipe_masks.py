@@ -9,7 +9,7 @@ from learnmask.recipe import measure
 from learnmask.recipe import train as recipe
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.mask_spec import MaskSpec
-from test_recipe_train import config, tiny  # noqa: F401 (fixture)
+from test_recipe_train import config
 
 
 def test_a_preset_is_its_mask_table(tiny, tmp_path):

@@ -2,36 +2,10 @@
 import pytest
 import torch
 
-from conftest import tiny_bert
 from learnmask.recipe import gating
 from learnmask.recipe import train as recipe
 from learnmask.recipe.loop import TrainingDiverged
 from learnmask.recipe.config import RunConfig
-from learnmask.recipe.model import EncodedTexts
-
-
-def synthetic(n, seed):
-    """A learnable toy task: the label is whether token 7 occurs."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(torch.randint(4, 10, (1,), generator=g))
-        seq = torch.randint(10, 100, (length,), generator=g).tolist()
-        label = int(torch.rand(1, generator=g) < 0.5)
-        if label:
-            seq[int(torch.randint(1, length, (1,), generator=g))] = 7
-        ids.append([2] + seq + [3])
-        labels.append(label)
-    return EncodedTexts(ids, labels)
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    def load(cfg):
-        torch.manual_seed(cfg.seed)
-        return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(96, 0), synthetic(64, 1), 0
-
-    monkeypatch.setattr(recipe, "_load", load)
 
 
 def config(**kw):
