@@ -85,19 +85,21 @@ def finished_keys(path: str | os.PathLike) -> set[str]:
     return {record["key"] for record in read_results(path)}
 
 
-def check_writable(path: str | os.PathLike, *, what: str = "results") -> None:
-    """Make sure ``path`` (a file to be replaced atomically) can be written: its folder exists or
-    can be made, and a file can be created there. Call it before training anything.
+def check_writable(path: str | os.PathLike, *, what: str = "results", folder: bool = False) -> None:
+    """Make sure ``path`` can be written: a file to be replaced atomically (its folder exists or
+    can be made, and a file can be created there), or with ``folder`` a folder to write files in.
+    Call it before training anything.
 
     Raises:
-        NotWritable: ``path`` is a folder, or its folder cannot be made or written.
+        NotWritable: a file ``path`` that is a folder, or a folder that cannot be made or written.
     """
     path = pathlib.Path(path)
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise NotWritable(f"{what} file {path} is a folder; expected a file path (say {path / 'results.jsonl'})")
+    where = path if folder else path.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:

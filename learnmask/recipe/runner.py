@@ -67,7 +67,7 @@ def run_grid(
     """
     results_path, work_dir = pathlib.Path(results_path), pathlib.Path(work_dir)
     check_writable(results_path)
-    check_writable(work_dir / "cache" / "probe", what="checkpoints")
+    check_writable(work_dir, what="checkpoints", folder=True)
     todo = pending_cells(grid, results_path, full=full, shard=shard, overrides=overrides)
     logger.info("grid %s: %d cell(s) to run", grid.name, len(todo))
     written = []
