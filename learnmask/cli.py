@@ -1,19 +1,21 @@
-"""The ``learnmask`` command: ``run`` one config, ``reproduce`` an ablation grid, ``table``."""
+"""The ``learnmask`` command: ``run`` one config, ``reproduce`` an ablation grid, ``table``.
+
+Grids are found by name among the bundled ones (package data, so any folder works) or by path
+(``--grid-file``); what runs them and writes their tables comes from the grid's recipe
+(:mod:`learnmask.recipe.registry`).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import pathlib
-import sys
+import re
 import shlex
+import sys
 import tomllib
-
-from learnmask.io import read_jsonl
-
-GRIDS = {"heads": "experiments/grids/heads.toml", "controllers": "experiments/grids/controllers.toml",
-         "mlm": "experiments/grids/mlm.toml"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -34,7 +36,27 @@ def parse_overrides(pairs: list[str]) -> dict:
     return values
 
 
+def table_name(grid: str, *, full: bool, overrides: dict) -> str:
+    """File stem of a grid's table: ``<grid>[-full]``, plus ``@key=value,...`` for overridden runs,
+    so that a smoke run never replaces the table of the grid as written."""
+    name = grid + ("-full" if full else "")
+    if not overrides:
+        return name
+    text = ",".join(f"{key}={_compact(value)}" for key, value in sorted(overrides.items()))
+    text = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    if len(text) > 80:
+        text = text[:70] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{name}@{text}"
+
+
+def _compact(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
 def _parser() -> argparse.ArgumentParser:
+    from learnmask.recipe.registry import bundled_grids
+
+    names = ", ".join(sorted(bundled_grids()))
     parser = argparse.ArgumentParser(prog="learnmask", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,69 +65,69 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/single"), help="run folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table under paper/")
-    rep.add_argument("grid", choices=sorted(GRIDS), help="which table")
+    rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table")
+    rep.add_argument("grid", nargs="?", help=f"a bundled grid ({names}); or give --grid-file")
     _grid_options(rep)
     rep.add_argument("--shard", default="0/1", help="run only cells i, i+n, ... of the grid: i/n")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     tab = sub.add_parser("table", help="write the table of a grid's results (Markdown and LaTeX)")
-    tab.add_argument("grid", choices=sorted(GRIDS))
+    tab.add_argument("grid", nargs="?", help=f"a bundled grid ({names}); or give --grid-file")
     _grid_options(tab)
     return parser
 
 
 def _grid_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid-file", type=pathlib.Path, help="grid TOML (default: experiments/grids/<grid>.toml)")
+    parser.add_argument("--grid-file", type=pathlib.Path, help="a grid TOML of your own (default: the bundled grid)")
     parser.add_argument("--results", type=pathlib.Path, help="results JSON lines (default: runs/<grid>/results.jsonl)")
     parser.add_argument("--work-dir", type=pathlib.Path, help="checkpoints, caches, TensorBoard (default: runs/<grid>)")
-    parser.add_argument("--tables-dir", type=pathlib.Path, default=pathlib.Path("paper/tables"), help="where the table goes")
+    parser.add_argument("--tables-dir", type=pathlib.Path,
+                        help="where the tables go (default: paper/tables; with --set: <work-dir>/tables, and the table's "
+                             "name carries the overrides); figures go to <tables-dir>/../figures")
     parser.add_argument("--full", action="store_true",
                         help="all seeds of the grid (full_seeds) instead of the quick default; table <grid>-full.md")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
 
 
 def _paths(args):
-    from learnmask.recipe.config import load_grid
+    from learnmask.recipe.grid import load_grid
+    from learnmask.recipe.registry import bundled_grid
 
-    grid = load_grid(args.grid_file or pathlib.Path(GRIDS[args.grid]))
-    if grid.name != args.grid:
+    if args.grid is None and args.grid_file is None:
+        raise ValueError(f"name a grid or pass --grid-file; bundled grids: {_bundled_names()}")
+    grid = load_grid(args.grid_file or bundled_grid(args.grid))
+    if args.grid is not None and grid.name != args.grid:
         raise ValueError(f"{args.grid_file} defines grid {grid.name!r}, not {args.grid!r}")
     work = args.work_dir or pathlib.Path("runs") / grid.name
     return grid, args.results or work / "results.jsonl", work
 
 
-def _table(args, grid, results, command: str) -> None:
-    """Tabulate exactly the cells this command selects (seeds, overrides), nothing else."""
-    from learnmask.recipe.table import write_tables
+def _bundled_names() -> list[str]:
+    from learnmask.recipe.registry import bundled_grids
 
-    keys = {cfg.key() for _, cfg in grid.cells(full=args.full, overrides=parse_overrides(args.set))}
-    records = [record for record in read_jsonl(results) if record["key"] in keys]
+    return sorted(bundled_grids())
+
+
+def _table(args, grid, results, work, command: str) -> None:
+    """Tabulate exactly the cells this command selects (seeds, overrides), nothing else."""
+    from learnmask.recipe.registry import get_recipe
+    from learnmask.recipe.results import read_results
+
+    overrides = parse_overrides(args.set)
+    configs = [cfg for _, cfg in grid.cells(full=args.full, overrides=overrides)]
+    keys = {cfg.key() for cfg in configs}
+    records = [record for record in read_results(results) if record["key"] in keys]
     missing = len(keys - {record["key"] for record in records})
     if missing:
         command += f" (PARTIAL: {missing} of {len(keys)} runs not finished; rerun to complete)"
         print(f"learnmask: warning: {missing} of {len(keys)} runs of this table are not finished yet", file=sys.stderr)
-    stem = args.tables_dir / (grid.name + ("-full" if args.full else ""))
-    if grid.recipe == "mlm":
-        return _mlm_table(args, grid, records, stem, results, command)
-    summaries = write_tables(grid, records, stem, title=grid.title, command=command, goals=grid.goals)
+    tables = args.tables_dir or (work / "tables" if overrides else pathlib.Path("paper/tables"))
+    stem = tables / table_name(grid.name, full=args.full, overrides=overrides)
+    recipe, title = get_recipe(grid.recipe), grid.title_for(configs)
+    summaries = recipe.tables_function()(grid, records, stem, title=title, command=command)
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
-    from learnmask.recipe.figures import plot_trajectories
-
-    figure = args.tables_dir.parent / "figures" / f"{stem.name}.png"
-    if plot_trajectories(records, figure, title=f"{grid.title} ({command})"):
-        print(f"wrote {figure}")
-
-
-def _mlm_table(args, grid, records, stem, results, command: str) -> None:
-    """The masking-rate table and the rate-trajectory figure of an MLM grid."""
-    from learnmask.recipe.mlm_table import plot_rates, write_mlm_tables
-
-    summaries = write_mlm_tables(grid, records, stem, title=grid.title, command=command)
-    print(stem.with_suffix(".md").read_text())
-    print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
-    figure = args.tables_dir.parent / "figures" / f"{stem.name}.png"
-    if plot_rates(records, figure, title=f"{grid.title} ({command})"):
+    figure = tables.parent / "figures" / f"{stem.name}.png"
+    if recipe.figure_function()(records, figure, title=f"{title} ({command})"):
         print(f"wrote {figure}")
 
 
@@ -120,16 +142,24 @@ def _read_toml(path: pathlib.Path) -> dict:
 
 def _printable(metrics: dict) -> dict:
     """Metrics for the console: head masks as one string per layer, trajectories left out."""
-    shown = {k: v for k, v in metrics.items() if k != "trajectory"}
+    shown = {k: v for k, v in metrics.items() if k not in ("trajectory", "importance")}
     if shown.get("head_mask"):
         shown["head_mask"] = ["".join(str(v) for v in row) for row in shown["head_mask"]]
     return shown
+
+
+def _finished(done: pathlib.Path) -> dict:
+    try:
+        return json.loads(done.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{done} is not a learnmask result ({error}); delete it to run again") from error
 
 
 def _run(args) -> None:
     """``learnmask run``: one config; a finished run is reported, not trained again."""
     from learnmask.io import atomic_write_text
     from learnmask.recipe.config import RunConfig
+    from learnmask.recipe.results import ResultNotWritten, check_writable
     from learnmask.recipe.runner import progress_bar
     from learnmask.recipe.train import fit
 
@@ -138,17 +168,35 @@ def _run(args) -> None:
     done = run_dir / "metrics.json"
     if done.exists():
         print(f"learnmask: {run_dir} already finished; delete it to run again", file=sys.stderr)
-        result = json.loads(done.read_text())
+        result = _finished(done)
     else:
+        check_writable(done, what="the run's metrics")
         if (run_dir / "checkpoint.pt").exists():
             print(f"learnmask: resuming {run_dir} from its last checkpoint", file=sys.stderr)
+        result = {"config": dataclasses.asdict(cfg)}
+
+        def record(metrics: dict) -> None:
+            try:
+                atomic_write_text(done, json.dumps({**result, "metrics": metrics}, indent=1) + "\n")
+            except OSError as error:
+                raise ResultNotWritten(f"the run finished but {done} could not be written ({error.strerror or error}); "
+                                       f"its checkpoint stays in {run_dir}: run the same command again to record it") from error
+
         bar = progress_bar(None, not args.no_progress, unit="step")
-        metrics = fit(cfg, run_dir, cache_dir=args.out / "cache", progress=bar)
-        bar.close()
-        result = {"config": dataclasses.asdict(cfg), "metrics": metrics}
-        atomic_write_text(done, json.dumps(result, indent=1) + "\n")
+        try:
+            result["metrics"] = fit(cfg, run_dir, cache_dir=args.out / "cache", progress=bar, record=record)
+        finally:
+            bar.close()
     print(json.dumps({"config": result["config"], "metrics": _printable(result["metrics"])}, indent=2))
     print(f"learnmask: all metrics in {done}", file=sys.stderr)
+
+
+def _os_message(error: OSError) -> str:
+    """One line for an OSError: its own message for learnmask's, else the reason and the file."""
+    if error.strerror is None:
+        return str(error)
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror}{where} (check the folder's permissions and free space, or choose another --results/--work-dir/--out)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,12 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             shard = parse_shard(args.shard)
             run_grid(grid, results_path=results, work_dir=work, full=args.full, shard=shard,
                      overrides=parse_overrides(args.set), show_progress=not args.no_progress)
-            _table(args, grid, results, command)
+            _table(args, grid, results, work, command)
         else:
-            grid, results, _ = _paths(args)
-            _table(args, grid, results, command)
+            grid, results, work = _paths(args)
+            _table(args, grid, results, work, command)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"learnmask: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"learnmask: error: {_os_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("learnmask: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

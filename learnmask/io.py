@@ -3,13 +3,14 @@ the table and checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import json
 import os
 import pathlib
 import tempfile
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -40,10 +41,46 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # alive but another user's, or no signals here: keep its file
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Delete the temporary files that killed atomic writes of ``path`` left behind.
+
+    An atomic write goes through ``.<name>.<pid>.<random>.tmp`` beside ``path``; a process killed
+    mid-write (``SIGKILL``, power loss) cannot remove it, and for a checkpoint it can hold
+    hundreds of MB. Files whose writer process is gone (or whose name carries no pid, from older
+    versions) are removed; those of a live process are left alone.
+
+    Returns:
+        the files removed.
+    """
+    path = pathlib.Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
 def _atomic_replace(path: pathlib.Path, write) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -133,10 +170,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSON-lines file; a missing file gives ``[]``.
 
     Raises:
-        ValueError: the file is not UTF-8 text, or a line is not valid JSON or not a JSON object
-            (the message names the file, and the line number).
+        ValueError: the file is not UTF-8 text, a line is not valid JSON or not a JSON object, or
+            ``path`` is a folder (the message names the file, and the line number).
     """
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of every non-blank line of a JSON-lines file (see :func:`read_jsonl`)."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a JSON-lines file (say {path / 'results.jsonl'})")
     if not path.exists():
         return []
     try:
@@ -153,12 +197,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or remove that line") from error
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object (one record per line)")
-        records.append(record)
+        records.append((number, record))
     return records
 
 
 @contextlib.contextmanager
-def _exclusive(path: pathlib.Path):
+def exclusive(path: pathlib.Path):
     """Hold an advisory lock on ``<path>.lock`` (POSIX ``flock``; a no-op where fcntl is missing),
     so that processes sharing one results file (``--shard`` on one machine) never lose a record."""
     try:
@@ -175,12 +219,44 @@ def _exclusive(path: pathlib.Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+@contextlib.contextmanager
+def claim(path: str | os.PathLike) -> Iterator[bool]:
+    """Try to hold the lock file ``path`` exclusively, without waiting; yields whether this process
+    holds it (until the block ends).
+
+    The lock is POSIX ``flock``: the kernel drops it when its process ends, however it ends
+    (``SIGKILL`` included), so a claim never outlives a killed process and needs no clean-up.
+    Where fcntl is missing (Windows) every claim succeeds: one process per grid there.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict], *, lock: bool = True) -> None:
     """Append records to a JSON-lines file atomically (the whole file is rewritten via a temp file)
-    under an exclusive lock, so concurrent writers (grid shards) each keep their records."""
+    under an exclusive lock, so concurrent writers (grid shards) each keep their records.
+
+    Args:
+        lock: False when the caller already holds :func:`exclusive` on ``path``.
+    """
     path = pathlib.Path(path)
     new = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
-    with _exclusive(path):
+    with exclusive(path) if lock else contextlib.nullcontext():
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"

@@ -27,3 +27,32 @@ def tiny_bert(num_labels: int = 3, layers: int = 2, heads: int = 4, hidden: int 
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return transformers.BertForSequenceClassification(config).eval()
+
+
+def synthetic(n, seed):
+    """A learnable toy task: the label is whether token 7 occurs."""
+    from learnmask.recipe.model import EncodedTexts
+
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(torch.randint(4, 10, (1,), generator=g))
+        seq = torch.randint(10, 100, (length,), generator=g).tolist()
+        label = int(torch.rand(1, generator=g) < 0.5)
+        if label:
+            seq[int(torch.randint(1, length, (1,), generator=g))] = 7
+        ids.append([2] + seq + [3])
+        labels.append(label)
+    return EncodedTexts(ids, labels)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """The classification recipe on a tiny BERT and the toy task (no data or model files)."""
+    from learnmask.recipe import train as recipe
+
+    def load(cfg):
+        torch.manual_seed(cfg.seed)
+        return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(96, 0), synthetic(64, 1), 0
+
+    monkeypatch.setattr(recipe, "_load", load)

@@ -84,9 +84,9 @@ def test_grid_errors_name_the_place(tmp_path):
 
 
 def test_shipped_heads_grid_is_valid():
-    import pathlib
+    from learnmask.recipe.registry import bundled_grid
 
-    grid = load_grid(pathlib.Path(__file__).parents[1] / "experiments" / "grids" / "heads.toml")
+    grid = load_grid(bundled_grid("heads"))
     cells = grid.cells()
     assert len(cells) == 9 and cells[0][1].method == "dense"
     assert sorted({c.target_sparsity for _, c in cells}) == [0.0, 0.5, 0.9]
@@ -115,3 +115,33 @@ def test_grid_structure_cannot_be_overridden(tmp_path):
         grid.cells(overrides={"seed": 3})
     with pytest.raises(ValueError, match=r"\['target_sparsity'\] are set by the grid"):
         grid.cells(overrides={"target_sparsity": 0.3})
+
+
+@pytest.mark.parametrize("name", ["heads", "controllers", "mlm"])
+def test_committed_results_keep_their_run_keys(name):
+    """Every committed result's config still hashes to its recorded key, and the bundled grid still
+    selects exactly those cells: nothing finished is orphaned by a new option."""
+    import json
+    import pathlib
+
+    from learnmask.recipe.registry import bundled_grid
+
+    root = pathlib.Path(__file__).parents[1]
+    grid = load_grid(bundled_grid(name))
+    records = [json.loads(line) for line in (root / "paper" / "results" / f"{name}.jsonl").read_text().splitlines()]
+    config = grid.config_class()
+    assert all(config.from_dict(r["config"]).key() == r["key"] for r in records)
+    assert {cfg.key() for _, cfg in grid.cells(full=True)} <= {r["key"] for r in records}  # (older rows stay too)
+    assert pathlib.Path(root / "experiments" / "grids" / f"{name}.toml").read_text() == bundled_grid(name).read_text()
+
+
+def test_the_readme_mask_table_row_is_a_valid_grid_row(tmp_path):
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    row = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    grid = load_grid(write(tmp_path, 'name = "study"\n' + row))
+    cells = grid.cells()
+    assert [c.target_sparsity for _, c in cells] == [0.5, 0.9]
+    spec = cells[0][1].mask_spec()
+    assert spec.units == ("heads", "ffn") and spec.sparsity == "parameters" and spec.controller == "lagrangian"

@@ -21,8 +21,7 @@ QUICK = ["--set", "max_train_examples=640", "--set", "test_size=300", "--set", "
 
 @needs_data
 def test_reproduce_heads_quick_grid(tmp_path, capsys):
-    args = ["reproduce", "heads", "--grid-file", str(ROOT / "experiments/grids/heads.toml"),
-            "--work-dir", str(tmp_path / "work"), "--tables-dir", str(tmp_path / "tables"), *QUICK]
+    args = ["reproduce", "heads", "--work-dir", str(tmp_path / "work"), "--tables-dir", str(tmp_path / "tables"), *QUICK]
     assert main(args) == 0
     records = read_jsonl(tmp_path / "work" / "results.jsonl")
     assert len(records) == 9
@@ -33,12 +32,15 @@ def test_reproduce_heads_quick_grid(tmp_path, capsys):
         else:
             assert m["heads_kept"] == 72 - round(72 * target)  # exactly the target, to the head
             assert abs(m["realized_sparsity"] - target) <= 1 / 72
-            assert m["parameters"] < m["parameters_dense"]
+            assert m["parameters"] == m["finalized_parameters"] < m["parameters_dense"]  # counted after finalize
+            assert m["finalized_accuracy"] == m["accuracy"] and m["speedup"] > 0.5
     dense = by_row[("dense fine-tuning", 0.0)]
     assert dense["accuracy"] > 0.5  # 6 classes, majority class is ~23%: the model did learn
-    table = (tmp_path / "tables" / "heads.md").read_text()
+    stem = "heads@epochs=1,max_train_examples=640,test_size=300"  # overridden runs: named after the overrides
+    table = (tmp_path / "tables" / f"{stem}.md").read_text()
+    assert table.startswith("# Learned head gates vs baselines: all-MiniLM-L6-v2 on TREC-6 (300 held-out questions)")
     assert table.count("\n| ") == 10  # header + 9 rows
-    assert "Goals" in table and (tmp_path / "tables" / "heads.tex").exists()
+    assert "Goals" in table and "Speed-up vs dense" in table and (tmp_path / "tables" / f"{stem}.tex").exists()
     # run again: every cell is finished, nothing reruns, nothing is overwritten
     before = (tmp_path / "work" / "results.jsonl").read_bytes()
     assert main(args) == 0

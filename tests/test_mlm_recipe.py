@@ -114,23 +114,27 @@ def test_table_pairs_seeds_against_the_first_row(tmp_path):
 
 
 def test_reproduce_and_table_commands_for_mlm(tmp_path, monkeypatch, capsys):
+    make = record
     path = tmp_path / "mlm.toml"
     path.write_text(GRID)
     calls = []
 
-    def fake_fit(cfg, run_dir, *, cache_dir, progress=None):
+    def fake_fit(cfg, run_dir, *, cache_dir, progress=None, record=None):
         calls.append(cfg)
-        return record("x", cfg.seed, 0.3 + cfg.mlm_probability / 10 + cfg.seed / 100)["metrics"]
+        metrics = make("x", cfg.seed, 0.3 + cfg.mlm_probability / 10 + cfg.seed / 100)["metrics"]
+        record(metrics)
+        return metrics
 
     monkeypatch.setattr(mlm, "fit_mlm", fake_fit)
     args = ["--grid-file", str(path), "--work-dir", str(tmp_path / "w"), "--tables-dir", str(tmp_path / "t")]
     assert main(["reproduce", "mlm", *args, "--no-progress", "--set", "steps=7"]) == 0
     assert len(calls) == 4 and all(c.steps == 7 for c in calls)  # 2 rows x 2 seeds
     assert main(["reproduce", "mlm", *args, "--no-progress", "--set", "steps=7"]) == 0 and len(calls) == 4  # finished cells stay
-    text = (tmp_path / "t" / "mlm.md").read_text()
+    text = (tmp_path / "t" / "mlm@steps=7.md").read_text()  # overridden runs: the table's name says so
+    assert not (tmp_path / "t" / "mlm.md").exists()
     assert "| 15% | 32.00 | 6.35 | 3.000 | 0.000 | +0.00 | 0.00 | 2 | 0.150 | 0.200 | 60 |" in text
     assert "| 40% | 34.50 | 6.35 | 3.000 | 0.000 | +2.50 | 0.00 | 2 |" in text  # paired: the seed spread cancels
-    assert (tmp_path / "t" / "mlm.tex").read_text().count("\\\\") == 3
+    assert (tmp_path / "t" / "mlm@steps=7.tex").read_text().count("\\\\") == 3
     assert main(["table", "mlm", *args]) == 2  # without --set steps=7 these cells are not the selected ones
     assert "no results for grid 'mlm'" in capsys.readouterr().err
 

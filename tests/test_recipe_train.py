@@ -2,34 +2,10 @@
 import pytest
 import torch
 
-from conftest import tiny_bert
+from learnmask.recipe import gating
 from learnmask.recipe import train as recipe
+from learnmask.recipe.loop import TrainingDiverged
 from learnmask.recipe.config import RunConfig
-from learnmask.recipe.model import EncodedTexts
-
-
-def synthetic(n, seed):
-    """A learnable toy task: the label is whether token 7 occurs."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(torch.randint(4, 10, (1,), generator=g))
-        seq = torch.randint(10, 100, (length,), generator=g).tolist()
-        label = int(torch.rand(1, generator=g) < 0.5)
-        if label:
-            seq[int(torch.randint(1, length, (1,), generator=g))] = 7
-        ids.append([2] + seq + [3])
-        labels.append(label)
-    return EncodedTexts(ids, labels)
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    def load(cfg):
-        torch.manual_seed(cfg.seed)
-        return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(96, 0), synthetic(64, 1), 0
-
-    monkeypatch.setattr(recipe, "_load", load)
 
 
 def config(**kw):
@@ -97,13 +73,47 @@ def test_hard_concrete_expected_sparsity_follows_the_target(tiny, tmp_path):
     assert metrics["controller_lambda_1"] != 0.0
 
 
-@pytest.mark.parametrize("controller", ["lagrangian", "pi", "fixed"])
-def test_every_controller_runs_and_reports_control_metrics(tiny, tmp_path, controller):
-    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=2, gate_phase=1.0, controller=controller)
+class DoNothing:
+    """A controller that does nothing: no penalty, no update."""
+
+    def penalty(self, s):
+        return s * 0.0
+
+    def step(self):
+        pass
+
+    def last_metrics(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def acted(controller, final):
+    """What each controller must achieve in 96 steps: Lagrangian and PI end at the 0.5 target; the
+    fixed L0 penalty (no target) closes most gates. Without control the gates stay open (~0.001)."""
+    return abs(final - 0.5) < 0.05 if controller in ("lagrangian", "pi") else final > 0.7
+
+
+@pytest.mark.parametrize("controller", ["lagrangian", "pi", "fixed", "does-nothing"])
+def test_every_controller_moves_the_expected_sparsity(tiny, tmp_path, monkeypatch, controller):
+    """A controller that does nothing fails this test: its own case checks that it would."""
+    if controller == "does-nothing":
+        monkeypatch.setattr(gating, "make_controller", lambda cfg, target, name=None: DoNothing())
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=16, gate_phase=1.0,
+                 controller="lagrangian" if controller == "does-nothing" else controller)
     metrics = recipe.fit(cfg, tmp_path / controller, cache_dir=tmp_path / "cache")
     assert metrics["heads_kept"] == 4
     assert len({"control_final_error", "control_overshoot", "control_tail_max_error", "control_settled"} - set(metrics)) == 0
-    assert metrics["control_final_error"] == pytest.approx(abs(metrics["controller_sparsity"] - 0.5), abs=0.05)
+    final = metrics["trajectory"]["sparsity"][-1]  # expected head sparsity at the last step (96 points: every = 1)
+    assert metrics["control_final_error"] == pytest.approx(abs(final - 0.5), abs=1e-4)
+    if controller == "does-nothing":
+        assert final < 0.05 and not any(acted(name, final) for name in ("lagrangian", "pi", "fixed"))
+    else:
+        assert acted(controller, final), final
 
 
 def test_new_options_at_default_keep_old_run_keys():
@@ -122,27 +132,55 @@ def test_controller_damping_reaches_the_controller(controller):
         RunConfig(method="hard_concrete", target_sparsity=0.5, controller_damping=-1.0)
 
 
+def nan_on(monkeypatch, model, steps):
+    """Make the model's loss NaN on the training forwards numbered ``steps`` (0-based)."""
+    original, seen = type(model).forward, []
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            seen.append(1)
+            if len(seen) - 1 in steps:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward)
+
+
 def test_non_finite_loss_skips_the_step_and_leaves_controller_state(tiny, tmp_path, monkeypatch):
     cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=1, gate_phase=1.0)
     prepared = recipe.prepare(cfg, tmp_path)
     trainer = recipe.Trainer(cfg, prepared, tmp_path / "run")
+    trainer.loop.max_skipped_fraction = 0.5
     batch = next(recipe.batches(prepared.train, list(range(16)), 16, 0))
     prepared.model.train()
-    trainer._train_step(dict(batch))
-    trainer.controller.penalty(prepared.handle.expected_unit_sparsity("heads"))  # as _train_step does before the check
+    trainer.loop._step(dict(batch))
     state = dict(trainer.controller.state_dict())
     weights = {k: v.clone() for k, v in prepared.model.state_dict().items()}
-    original = type(prepared.model).forward
-
-    def nan_forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(type(prepared.model), "forward", nan_forward)
-    trainer._train_step(dict(batch))
+    nan_on(monkeypatch, prepared.model, {0})
+    trainer.loop._step(dict(batch))
+    assert trainer.loop.skipped == 1 and trainer.loop.step == 2
     assert trainer.controller.state_dict() == state
     assert all(torch.equal(v, prepared.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_a_few_skipped_steps_are_tolerated_and_recorded(tiny, tmp_path, monkeypatch):
+    cfg = config(method="dense", epochs=4)  # 24 steps: up to 10%, i.e. 2, may be skipped
+    model = recipe.prepare(cfg, tmp_path).model
+    nan_on(monkeypatch, model, {3, 7})
+    metrics = recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert metrics["skipped_steps"] == 2
+
+
+@pytest.mark.parametrize("nan_steps", [{3, 7, 9}, set(range(100))])
+def test_a_run_with_too_many_non_finite_losses_is_a_failure_not_a_result(tiny, tmp_path, monkeypatch, nan_steps):
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=4)
+    model = recipe.prepare(cfg, tmp_path).model
+    nan_on(monkeypatch, model, nan_steps)
+    recorded = []
+    with pytest.raises(TrainingDiverged, match=r"3 of \d+ steps so far had a non-finite loss .* at most 10% of its 24 steps \(2\)"):
+        recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", record=recorded.append)
+    assert recorded == []
 
 
 def test_cubic_target_schedule_is_used(tiny, tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 
 from learnmask.io import read_jsonl
-from learnmask.recipe import runner
+from learnmask.recipe import train
 from learnmask.recipe.config import load_grid
 from learnmask.recipe.runner import parse_shard, pending_cells, run_grid
 
@@ -30,14 +30,16 @@ def grid(tmp_path):
 def fake_fit(monkeypatch):
     calls = []
 
-    def fit(cfg, run_dir, *, cache_dir, progress=None):
+    def fit(cfg, run_dir, *, cache_dir, progress=None, record=None):
         calls.append(cfg.key())
         if len(calls) == 3 and fit.crash:
             raise KeyboardInterrupt
-        return {"accuracy": 0.5 + cfg.seed / 10, "realized_sparsity": cfg.target_sparsity}
+        metrics = {"accuracy": 0.5 + cfg.seed / 10, "realized_sparsity": cfg.target_sparsity}
+        record(metrics)
+        return metrics
 
     fit.crash = False
-    monkeypatch.setattr(runner, "fit", fit)
+    monkeypatch.setattr(train, "fit", fit)
     return fit, calls
 
 

@@ -87,9 +87,7 @@ def test_a_truncated_real_checkpoint_is_a_damaged_file(tmp_path):
 
 @pytest.fixture
 def tiny_classifier(monkeypatch):
-    from test_recipe_train import synthetic
-
-    from conftest import tiny_bert
+    from conftest import synthetic, tiny_bert
     from learnmask.recipe import train
 
     def load(cfg):

@@ -1,90 +1,34 @@
-"""Validated run and grid configs, parsed from TOML (``tomllib``); unknown keys are errors."""
+"""The validated config of one classification run, parsed from TOML (``tomllib``); unknown keys
+are errors. Grids of such runs: :mod:`learnmask.recipe.grid`."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
-import json
-import pathlib
-import tomllib
-from typing import Any
 
 from learnmask.control.schedules import SCHEDULE_KINDS
+from learnmask.recipe.mask_spec import FIXED_GATES, PENALTY_CONTROLLERS, MaskSpec, preset
+from learnmask.recipe.validated import NEUTRAL_AT_DEFAULT, ValidatedConfig
 
-METHODS = ("dense", "hard_concrete", "topk", "random", "importance")
-CONTROLLERS = ("lagrangian", "pi", "fixed")
-# Fields added after results were first recorded. At their default they reproduce the earlier
-# behaviour exactly, so key() leaves them out there and finished cells stay finished.
-NEUTRAL_AT_DEFAULT = {"neutral_at_default": True}
-
-
-class ValidatedConfig:
-    """Shared parts of the run configs (frozen dataclasses): type checks against each field's
-    default, construction from a mapping that rejects unknown keys, and a stable key."""
-
-    def _check_types(self) -> None:
-        """Each field has its default's type (an int is accepted for a float); else ValueError."""
-        for field in dataclasses.fields(self):
-            value, default = getattr(self, field.name), field.default
-            if isinstance(default, tuple):
-                ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
-                expected = "a list of strings"
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                expected = "a number"
-                if ok:
-                    object.__setattr__(self, field.name, float(value))
-            else:
-                ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-                expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
-            if not ok:
-                raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], *, where: str = "config"):
-        """Build from a mapping, rejecting unknown keys with the list of known ones.
-
-        Raises:
-            ValueError: an unknown key, a value of the wrong type or out of range; the message
-                names ``where`` (the file, or the grid and row).
-        """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
-        try:
-            return cls(**values)
-        except ValueError as error:
-            raise ValueError(f"{error} (in {where})") from error
-
-    def key(self) -> str:
-        """Stable id of this run: a hash of every field (a changed setting is a new run).
-
-        Fields marked neutral-at-default are left out while at their default, so adding an
-        option does not orphan results recorded before it existed.
-        """
-        values = dataclasses.asdict(self)
-        for field in dataclasses.fields(self):
-            if field.metadata.get("neutral_at_default") and values[field.name] == field.default:
-                del values[field.name]
-        return self._hash(values)
-
-    @staticmethod
-    def _hash(values: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+#: ``gates``: gates as the run's ``masks`` table says; the others are presets of that table.
+METHODS = ("dense", "hard_concrete", "topk", "random", "importance", "gates")
+CONTROLLERS = PENALTY_CONTROLLERS
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(ValidatedConfig):
-    """One fine-tuning run of a classifier, with or without head gates.
+    """One fine-tuning run of a classifier, with or without gates; every gated run ends finalized.
 
     Attributes:
-        method: ``dense`` (no gates), ``hard_concrete`` (learned hard-concrete head gates driven
-            by a Lagrangian controller; Louizos et al. 2018, Xia et al. 2022), ``topk``
-            (straight-through top-k head scores, Sanh et al. 2020), ``random`` (random heads
-            removed before fine-tuning), ``importance`` (Michel et al. 2019: |∂L/∂gate| after
-            dense fine-tuning, heads removed, then ``importance_epochs`` with the mask fixed).
-        target_sparsity: fraction of heads removed, in [0, 1); 0 for ``dense``.
+        method: ``dense`` (no gates); ``gates``: the gates the ``masks`` table describes (see
+            :class:`~learnmask.recipe.mask_spec.MaskSpec`); or a preset of that table:
+            ``hard_concrete`` (learned hard-concrete head gates driven by ``controller``;
+            Louizos et al. 2018, Xia et al. 2022), ``topk`` (straight-through top-k head scores,
+            Sanh et al. 2020), ``random`` (random heads removed before fine-tuning),
+            ``importance`` (Michel et al. 2019: |∂L/∂gate| after dense fine-tuning, heads
+            removed, then ``importance_epochs`` with the mask fixed).
+        masks: with ``method = "gates"``: units, gate kind, controller and sparsity measure
+            (a TOML table; keys of ``MaskSpec``); stored with every key filled in.
+        target_sparsity: fraction of units (or parameters, with ``masks.sparsity =
+            "parameters"``) removed, in [0, 1); 0 for ``dense``.
         seed: seeds the classifier head, the data order, gate samples and random removal.
         dataset, dataset_path: a name known to :func:`learnmask.data.load_dataset` and an
             optional local file; ``test_size`` held-out examples (fixed split, seed 0).
@@ -145,6 +89,10 @@ class RunConfig(ValidatedConfig):
     sparsity_schedule: str = dataclasses.field(default="linear", metadata=NEUTRAL_AT_DEFAULT)
     text_column: str = dataclasses.field(default="text", metadata=NEUTRAL_AT_DEFAULT)
     label_column: str = dataclasses.field(default="label", metadata=NEUTRAL_AT_DEFAULT)
+    masks: dict = dataclasses.field(default_factory=dict, metadata=NEUTRAL_AT_DEFAULT)
+
+    #: a list of targets in a grid row expands into one cell per target
+    GRID_AXES = ("target_sparsity",)
 
     def __post_init__(self):
         self._check_types()
@@ -178,158 +126,38 @@ class RunConfig(ValidatedConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "freeze", tuple(self.freeze))
+        self._check_masks()
+
+    def _check_masks(self) -> None:
+        """``masks`` only with ``method = "gates"``, where it is stored with every key filled in."""
+        if self.method != "gates":
+            if self.masks:
+                raise ValueError(f"masks is read with method = 'gates' only; got method {self.method!r}, which is "
+                                 "dense or a preset of the table; set method = 'gates' to describe the gates yourself")
+            return
+        values = dict(self.masks)
+        if "controller" not in values and values.get("gate", "hard_concrete") not in (*FIXED_GATES, "topk"):
+            values["controller"] = self.controller  # the run's controller is the table's default
+        elif "controller" in values and self.controller != "lagrangian" and values["controller"] != self.controller:
+            raise ValueError(f"controller is given twice: masks.controller = {values['controller']!r} and "
+                             f"controller = {self.controller!r}; keep one")
+        try:
+            spec = MaskSpec.from_dict(values)
+        except TypeError as error:  # a value of the wrong kind inside the table
+            raise ValueError(f"masks: {error}") from error
+        object.__setattr__(self, "masks", spec.as_dict())
+
+    def mask_spec(self) -> MaskSpec | None:
+        """What this run gates (None for ``dense``): the ``masks`` table or the method's preset."""
+        if self.method == "gates":
+            return MaskSpec.from_dict(self.masks)
+        return preset(self.method, controller=self.controller, gate_init_log_alpha=self.gate_init_log_alpha)
 
     def total_epochs(self) -> int:
         """Epochs of training this run uses, counting the dense fine-tuning behind ``importance``."""
-        return self.epochs + (self.importance_epochs if self.method == "importance" else 0)
+        spec = self.mask_spec()
+        return self.epochs + (self.importance_epochs if spec is not None and spec.gate == "importance" else 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class GridRow:
-    """One row of an ablation table: a label and the run settings it overrides."""
-
-    label: str
-    settings: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class GridConfig:
-    """An ablation grid: rows × target sparsities × seeds, over shared defaults.
-
-    TOML layout::
-
-        name = "heads"
-        seeds = [0]            # default run
-        full_seeds = [0, 1, 2] # with --full
-        [defaults]             # any RunConfig field
-        epochs = 2
-        [[rows]]
-        label = "hard-concrete + Lagrangian"
-        method = "hard_concrete"
-        target_sparsity = [0.5, 0.9]   # a list expands into one cell per value
-    """
-
-    name: str
-    seeds: tuple[int, ...]
-    full_seeds: tuple[int, ...]
-    defaults: dict[str, Any]
-    rows: tuple[GridRow, ...]
-    title: str = ""
-    goals: tuple[dict[str, Any], ...] = ()
-    columns: tuple[str, ...] = ()
-    recipe: str = "classify"  # which run config the cells are: see RECIPES
-
-    def cells(self, *, full: bool = False, overrides: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
-        """Every (row label, run config) of the grid, dense-first, in a fixed order.
-
-        Raises:
-            ValueError: a setting that the run config rejects (named with its row).
-        """
-        if self.recipe != "classify":
-            return self._plain_cells(full, overrides)
-        fixed = sorted({"seed", "target_sparsity"} & set(overrides or {}))
-        if fixed:
-            raise ValueError(f"{fixed} are set by the grid (seeds, full_seeds and each row's targets), not by --set; "
-                             "edit the grid file or pass --grid-file")
-        seeds = self.full_seeds if full else self.seeds
-        cells = []
-        for row in self.rows:
-            settings = {**self.defaults, **row.settings, **(overrides or {})}
-            targets = settings.pop("target_sparsity", 0.0)
-            targets = targets if isinstance(targets, list) else [targets]
-            for target, seed in itertools.product(targets, seeds):
-                where = f"grid {self.name!r}, row {row.label!r}"
-                cells.append((row.label, RunConfig.from_dict({**settings, "target_sparsity": target, "seed": seed}, where=where)))
-        return cells
-
-    def _plain_cells(self, full: bool, overrides: dict[str, Any] | None) -> list[tuple[str, Any]]:
-        """Rows × seeds for recipes without target sparsities."""
-        if "seed" in (overrides or {}):
-            raise ValueError("['seed'] is set by the grid (seeds, full_seeds), not by --set; edit the grid file or pass --grid-file")
-        config = recipe_config(self.recipe)
-        return [(row.label, config.from_dict({**self.defaults, **row.settings, **(overrides or {}), "seed": seed},
-                                              where=f"grid {self.name!r}, row {row.label!r}"))
-                for row in self.rows for seed in (self.full_seeds if full else self.seeds)]
-
-
-#: Recipes a grid file may name with ``recipe = "..."``: classification (default) and continued MLM.
-RECIPES = ("classify", "mlm")
-
-
-def recipe_config(recipe: str) -> type:
-    """The run-config class of ``recipe``.
-
-    Raises:
-        ValueError: an unknown recipe (the message lists the known ones).
-    """
-    if recipe == "classify":
-        return RunConfig
-    if recipe == "mlm":
-        from learnmask.recipe.mlm_config import MLMRunConfig
-
-        return MLMRunConfig
-    raise ValueError(f"unknown recipe {recipe!r}; expected one of {list(RECIPES)}")
-
-
-GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals", "columns", "recipe"}
-GOAL_FORMS = (
-    {"description", "row", "target", "versus", "versus_target", "min_difference"},
-    {"description", "row", "target", "versus", "versus_target", "max_difference"},
-    {"description", "row", "target", "max"},
-)
-
-
-def _check_goals(path, goals: list, labels: set[str]) -> tuple[dict, ...]:
-    for number, goal in enumerate(goals, start=1):
-        keys = set(goal) - {"metric"}
-        if keys not in GOAL_FORMS:
-            forms = " or ".join(str(sorted(form)) for form in GOAL_FORMS)
-            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; expected {forms} (plus optional 'metric')")
-        for key in ("row", "versus"):
-            if key in goal and goal[key] not in labels:
-                raise ValueError(f"{path}: goal {number} names row {goal[key]!r}; rows are {sorted(labels)}")
-    return tuple(goals)
-
-
-def load_grid(path: str | pathlib.Path) -> GridConfig:
-    """Parse and validate a grid TOML file (every cell is built once to check it).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: TOML syntax, unknown keys (top level, defaults or rows), a row without a
-            label, or an invalid setting.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file {path} not found; run from the repository root or pass --grid-file PATH")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from error
-    unknown = sorted(set(data) - GRID_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} at the top of {path}; known keys: {sorted(GRID_KEYS)}")
-    rows = []
-    for number, row in enumerate(data.get("rows", []), start=1):
-        if "label" not in row:
-            raise ValueError(f"{path}: row {number} has no 'label'")
-        settings = {k: v for k, v in row.items() if k != "label"}
-        rows.append(GridRow(row["label"], settings))
-    if not rows:
-        raise ValueError(f"{path} defines no [[rows]]")
-    grid = GridConfig(
-        name=data.get("name", path.stem),
-        seeds=tuple(data.get("seeds", [0])),
-        full_seeds=tuple(data.get("full_seeds", data.get("seeds", [0]))),
-        defaults=dict(data.get("defaults", {})),
-        rows=tuple(rows),
-        title=data.get("title", data.get("name", path.stem)),
-        goals=_check_goals(path, data.get("goals", []), {row.label for row in rows}),
-        columns=tuple(data.get("columns", [])),
-        recipe=data.get("recipe", "classify"),
-    )
-    recipe_config(grid.recipe)
-    if grid.recipe != "classify" and grid.goals:
-        raise ValueError(f"{path}: [[goals]] are supported for classification grids only, not recipe {grid.recipe!r}")
-    grid.cells(full=True)  # validates every setting now, not an hour into the run
-    return grid
+# Grids moved to learnmask.recipe.grid; these names stay importable from here.
+from learnmask.recipe.grid import GridConfig, GridRow, load_grid  # noqa: E402,F401

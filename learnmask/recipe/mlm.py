@@ -16,14 +16,14 @@ import pathlib
 import time
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from learnmask.control import LossAdaptiveController, make_rate_schedule
 from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.masks.inputs import IGNORE_INDEX, MaskingVocab, mlm_loss
 from learnmask.recipe.mlm_config import MLMRunConfig
 from learnmask.recipe.mlm_data import Chunks, batch_indices, heldout_batch, mask_chunks, shakespeare_chunks, step_generator
-from learnmask.recipe.model import default_model_path, freeze_parameters
+from learnmask.recipe.loop import TrainingLoop, warmup_linear_decay
+from learnmask.recipe.model import check_positions, default_model_path, freeze_parameters
 
 logger = logging.getLogger(__name__)
 HEAD_PREFIX = "cls.predictions."  # transform (dense + LayerNorm) and bias; the decoder weight is the word embedding
@@ -188,116 +188,70 @@ class RatePolicy:
             self.controller.load_state_dict(state)
 
 
-class MLMTrainer:
-    """The compared phase: AdamW (linear warm-up and decay), masking at the policy's rate,
-    TensorBoard scalars every step, a checkpoint every ``checkpoint_every`` steps, exact resume.
+class MLMTask:
+    """The compared phase on the shared loop: masking at the policy's rate (masks and batches at
+    step t depend only on ``(seed, t)``), TensorBoard scalars every step, a checkpoint every
+    ``checkpoint_every`` steps; dropout draws from the torch RNG, which the loop checkpoints, so
+    an interrupted run resumes to bit-identical results."""
 
-    Masks and batches at step t depend only on ``(seed, t)``; dropout draws from the torch RNG,
-    whose state is checkpointed; so an interrupted run resumes to bit-identical results.
-    """
+    log_every = 1
 
-    def __init__(self, cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, run_dir: pathlib.Path):
-        self.cfg, self.model, self.vocab, self.train, self.run_dir = cfg, model, vocab, train, run_dir
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.dim() >= 2]
-        no_decay = [p for n, p in trainable if p.dim() < 2]  # biases and LayerNorm weights
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+    def __init__(self, cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks):
+        self.cfg, self.model, self.vocab, self.train = cfg, model, vocab, train
+        self.total_steps = cfg.steps
         self.policy = RatePolicy(cfg)
-        self.step, self.rates, self.losses = 0, [], []
-        self._seconds_before, self._started = 0.0, time.perf_counter()
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.rates: list[float] = []
+        self._rate = cfg.mlm_probability
 
-    def _lr_factor(self, step: int) -> float:
-        warmup = max(1, int(self.cfg.warmup_ratio * self.cfg.steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - warmup))
+    def batches(self, start: int):
+        for step in range(start, self.cfg.steps):
+            yield batch_indices(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
 
-    def _train_step(self) -> float:
-        rate = self.policy.rate(self.step)
-        chosen = batch_indices(len(self.train), self.cfg.batch_size, self.step, self.cfg.seed)
+    def loss(self, chosen: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+        self._rate = self.policy.rate(step)
         batch = Chunks(self.train.input_ids[chosen], self.train.word_ids[chosen])
-        ids, labels = mask_chunks(self.cfg.strategy, batch, self.vocab, rate, step_generator(self.cfg.seed, self.step))
+        ids, labels = mask_chunks(self.cfg.strategy, batch, self.vocab, self._rate, step_generator(self.cfg.seed, step))
         loss, _ = masked_lm_outputs(self.model, ids, labels)
-        if torch.isfinite(loss):
-            loss.backward()
-            self.optimizer.step()
-        else:
-            logger.warning("step %d: non-finite loss %s, step skipped", self.step, loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.policy.observe(loss.item())
-        self.rates.append(rate)
-        self.losses.append(loss.item())
-        return rate
+        return loss, loss.item()
 
-    def _log(self, rate: float) -> None:
-        w, step = self.writer, self.step
-        w.add_scalar("mlm_probability", rate, step)
-        w.add_scalar("loss/train", self.losses[-1], step)
-        w.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
+    def after_step(self, step: int, task_loss: float, skipped: bool) -> None:
+        self.policy.observe(task_loss)
+        self.rates.append(self._rate)
+
+    def log(self, writer, step: int) -> None:
+        writer.add_scalar("mlm_probability", self.rates[-1], step)
         for name, value in self.policy.metrics().items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                w.add_scalar(f"controller/{name}", value, step)
+                writer.add_scalar(f"controller/{name}", value, step)
 
-    def run(self, progress=None) -> None:
-        """Train from the last checkpoint (if any) to ``cfg.steps``."""
-        self._resume()
-        if progress is not None:
-            if hasattr(progress, "reset"):
-                progress.reset(total=self.cfg.steps)
-            else:
-                progress.total = self.cfg.steps
-            progress.update(self.step)
-        self.model.train()
-        while self.step < self.cfg.steps:
-            rate = self._train_step()
-            self._log(rate)
-            self.step += 1
-            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
-                self._checkpoint()
-            if progress is not None:
-                progress.update(1)
+    def checkpoint_due(self, steps_done: int) -> bool:
+        return steps_done % self.cfg.checkpoint_every == 0
 
-    def seconds(self) -> float:
-        """Training seconds of the compared phase, summed across resumes."""
-        return self._seconds_before + time.perf_counter() - self._started
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "rates": list(self.rates)}
 
-    def _checkpoint(self) -> None:
-        trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-        atomic_torch_save({"key": self.cfg.key(), "step": self.step, "model": trainable,
-                           "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                           "policy": self.policy.state_dict(), "rates": self.rates, "losses": self.losses,
-                           "seconds": self.seconds(), "rng": torch.get_rng_state()}, self.run_dir / "checkpoint.pt")
-
-    def _resume(self) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        if not path.exists():
-            return
-        state = load_torch_file(path, what="run checkpoint")
-        if state["key"] != self.cfg.key():
-            raise ValueError(f"{path} belongs to run {state['key']}, not {self.cfg.key()}; remove it or use another folder")
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
-        self.rates, self.losses, self.step = list(state["rates"]), list(state["losses"]), state["step"]
-        self._seconds_before, self._started = state["seconds"], time.perf_counter()
-        torch.set_rng_state(state["rng"])
-        logger.info("resumed %s at step %d", self.run_dir, self.step)
-
-    def finish(self, metrics: dict) -> None:
-        """Log the held-out scores, close TensorBoard, drop the checkpoint (the run is done)."""
-        for name in ("heldout_accuracy", "heldout_loss"):
-            self.writer.add_scalar(f"final/{name}", metrics[name], self.step)
-        self.writer.close()
-        (self.run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        self.rates = list(state["rates"])
 
 
-def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progress=None) -> dict:
+def mlm_loop(cfg: MLMRunConfig, task: MLMTask, run_dir: pathlib.Path) -> TrainingLoop:
+    """The shared loop for ``task``: AdamW (no decay on biases and LayerNorm weights), linear
+    warm-up over ``warmup_ratio`` of the steps then linear decay to 0."""
+    trainable = [(n, p) for n, p in task.model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]  # biases and LayerNorm weights
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return TrainingLoop(task, optimizer, lambda step: warmup_linear_decay(step, 0, cfg.steps, cfg.warmup_ratio),
+                        run_dir, key=cfg.key())
+
+
+def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progress=None, record=None) -> dict:
     """Run one continued-MLM config end to end and return its metrics.
+
+    ``record(metrics)``, if given, is called before the run's checkpoint is deleted (if it
+    raises, the checkpoint stays and a rerun records without training again).
 
     Returns:
         ``heldout_accuracy`` (masked-token accuracy in [0, 1]) and ``heldout_loss`` (nats) on
@@ -307,30 +261,47 @@ def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path
         ``head_warmup_seconds``, ``masked_tokens`` and ``mlm_probability_trajectory``.
 
     Raises:
-        ValueError, FileNotFoundError: from the config, the data or the model loader.
+        ValueError, FileNotFoundError: from the config, the data or the model loader; a
+            ``max_length`` above the model's positions; an unreadable checkpoint; a diverged run.
+        OSError: from ``record`` or a checkpoint write.
     """
     run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     folder, tokenizer, model = load_masked_lm(cfg.model_path, cfg.seed)
+    check_positions(model, cfg.max_length)
     vocab = MaskingVocab.from_tokenizer(tokenizer)
     train, heldout = shakespeare_chunks(str(folder), cfg.max_length, cfg.heldout_plays)
     evaluation = heldout_batch(heldout, vocab, count=cfg.eval_chunks, rate=cfg.eval_mlm_probability, seed=cfg.eval_seed)
     before = warm_head(cfg, model, vocab, train, evaluation, cache_dir)
     freeze_parameters(model, cfg.freeze)
     torch.manual_seed(cfg.seed)  # dropout stream of the compared phase, the same whether the head was cached or not
-    trainer = MLMTrainer(cfg, model, vocab, train, run_dir)
-    trainer.run(progress)
-    after = evaluate_mlm(model, *evaluation)
-    every = max(1, len(trainer.rates) // 100)
-    tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
-    metrics = {
+    task = MLMTask(cfg, model, vocab, train)
+    loop = mlm_loop(cfg, task, run_dir)
+    try:
+        loop.run(progress)
+        metrics = _metrics(cfg, evaluate_mlm(model, *evaluation), before, task.rates, loop)
+        if record is not None:
+            record(metrics)
+    except BaseException:
+        loop.close()
+        raise
+    for name in ("heldout_accuracy", "heldout_loss"):
+        loop.writer.add_scalar(f"final/{name}", metrics[name], loop.step)
+    loop.finish()
+    return metrics
+
+
+def _metrics(cfg: MLMRunConfig, after: dict, before: dict, rates: list[float], loop: TrainingLoop) -> dict:
+    losses = loop.losses
+    every = max(1, len(rates) // 100)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {
         "heldout_accuracy": after["accuracy"], "heldout_loss": after["loss"], "masked_tokens": after["masked_tokens"],
         "heldout_accuracy_before": before["accuracy"], "heldout_loss_before": before["loss"],
-        "final_mlm_probability": trainer.rates[-1], "mean_mlm_probability": sum(trainer.rates) / len(trainer.rates),
-        "train_loss_last": sum(tail) / len(tail), "steps": cfg.steps, "train_seconds": round(trainer.seconds(), 1),
+        "final_mlm_probability": rates[-1], "mean_mlm_probability": sum(rates) / len(rates),
+        "train_loss_last": sum(tail) / len(tail), "steps": cfg.steps, "train_seconds": round(loop.seconds(), 1),
+        "skipped_steps": loop.skipped,
         "head_warmup_seconds": before["seconds"],
-        "mlm_probability_trajectory": {"every": every, "rate": [round(r, 5) for r in trainer.rates[::every]],
-                                       "loss": [round(x, 4) for x in trainer.losses[::every]]},
+        "mlm_probability_trajectory": {"every": every, "rate": [round(r, 5) for r in rates[::every]],
+                                       "loss": [round(x, 4) for x in losses[::every]]},
     }
-    trainer.finish(metrics)
-    return metrics

@@ -9,7 +9,7 @@ import dataclasses
 
 from learnmask.control.rate_schedules import RATE_SCHEDULE_KINDS
 from learnmask.masks.collate import STRATEGIES
-from learnmask.recipe.config import ValidatedConfig
+from learnmask.recipe.validated import ValidatedConfig
 
 #: How the masking rate moves: a fixed schedule or the loss-adaptive controller.
 RATE_MODES = (*RATE_SCHEDULE_KINDS, "adaptive")

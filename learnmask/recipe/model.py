@@ -57,6 +57,25 @@ def load_classifier(model_path: str | os.PathLike | None, num_labels: int):
     return tokenizer, model
 
 
+def check_positions(model: nn.Module, max_length: int) -> None:
+    """Refuse a ``max_length`` longer than the positions ``model`` has (when a run starts, not
+    at its first long batch).
+
+    Raises:
+        ValueError: ``max_length`` above the model's ``max_position_embeddings`` (RoBERTa-style
+            models: less their padding offset).
+    """
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+        positions -= config.pad_token_id + 1  # position ids start after the padding index
+    if max_length > positions:
+        raise ValueError(f"max_length is {max_length}, but {type(model).__name__} has {positions} positions; "
+                         f"set max_length <= {positions}")
+
+
 def freeze_parameters(model: nn.Module, patterns: tuple[str, ...]) -> int:
     """Set ``requires_grad=False`` on parameters whose name contains any pattern.
 

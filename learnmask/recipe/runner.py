@@ -1,19 +1,23 @@
-"""The grid runner: every cell of an ablation grid once, resumable, shardable.
+"""The grid runner: every cell of an ablation grid once, resumable, shardable, safe to run from
+several processes at once.
 
 A cell is finished when ``results.jsonl`` holds a record with its key (a hash of its whole
-config); finished cells are never run again or overwritten. A cell interrupted mid-way resumes
-from its last epoch checkpoint under ``work_dir/run-<key>/``.
+config); finished cells are never run again or overwritten. A process claims a cell before
+training it (a lock file that the kernel releases when the process ends, however it ends), so
+two processes on one grid never train the same cell; it checks again under the results lock
+before writing. A cell interrupted mid-way resumes from its last checkpoint under
+``work_dir/run-<key>/``; the checkpoint is deleted only after the record is written.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import logging
 import pathlib
 
-from learnmask.io import append_jsonl, read_jsonl
-from learnmask.recipe.config import GridConfig, RunConfig
-from learnmask.recipe.train import fit
+from learnmask.io import claim
+from learnmask.recipe.grid import GridConfig
+from learnmask.recipe.registry import get_recipe
+from learnmask.recipe.results import (ResultNotWritten, append_result, check_writable, claim_file, finished_keys,
+                                      make_record)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def pending_cells(grid: GridConfig, results_path, *, full=False, shard=(0, 1), overrides=None):
     """Cells of this shard that have no record in ``results_path`` yet, in grid order."""
-    done = {record["key"] for record in read_jsonl(results_path)}
+    done = finished_keys(results_path)
     cells = grid.cells(full=full, overrides=overrides)[shard[0] :: shard[1]]
     return [(label, cfg) for label, cfg in cells if cfg.key() not in done]
 
@@ -53,46 +57,66 @@ def run_grid(
     """Run the pending cells of ``grid`` and append one record per finished cell.
 
     Returns:
-        the records written by this call (one per cell run now).
+        the records written by this call (one per cell run now; cells another process holds
+        are left to it).
+
+    Raises:
+        NotWritable: the results file or work folder cannot be written (before any training).
+        ResultNotWritten: a finished cell could not be recorded (its checkpoint is kept).
+        ValueError, FileNotFoundError: from the configs, data, models or a failed run.
     """
+    results_path, work_dir = pathlib.Path(results_path), pathlib.Path(work_dir)
+    check_writable(results_path)
+    check_writable(work_dir, what="checkpoints", folder=True)
     todo = pending_cells(grid, results_path, full=full, shard=shard, overrides=overrides)
     logger.info("grid %s: %d cell(s) to run", grid.name, len(todo))
     written = []
     if not todo:
         return written
     bar = progress_bar(len(todo), show_progress, unit="cell")
-    for label, cfg in todo:
-        target = f" @ {cfg.target_sparsity:g}" if hasattr(cfg, "target_sparsity") else ""
-        bar.set_description(f"{label}{target}, seed {cfg.seed}")
-        steps = progress_bar(None, show_progress, leave=False, unit="step")
-        metrics = _fit_of(grid.recipe)(cfg, work_dir / f"run-{cfg.key()}", cache_dir=work_dir / "cache", progress=steps)
-        steps.close()
-        record = _record(grid.name, label, cfg, metrics)
-        append_jsonl(results_path, [record])
-        written.append(record)
-        bar.update(1)
-    bar.close()
+    try:
+        for label, cfg in todo:
+            target = f" @ {cfg.target_sparsity:g}" if hasattr(cfg, "target_sparsity") else ""
+            bar.set_description(f"{label}{target}, seed {cfg.seed}")
+            record = run_cell(grid, label, cfg, results_path=results_path, work_dir=work_dir, show_progress=show_progress)
+            if record is not None:
+                written.append(record)
+            bar.update(1)
+    finally:
+        bar.close()
     return written
 
 
-def _fit_of(recipe: str):
-    """The function that runs one cell of a ``recipe`` grid (``fit`` for classification)."""
-    if recipe == "mlm":
-        from learnmask.recipe.mlm import fit_mlm
+def run_cell(grid: GridConfig, label: str, cfg, *, results_path: pathlib.Path, work_dir: pathlib.Path,
+             show_progress: bool = False) -> dict | None:
+    """Claim, train and record one cell; None when another process holds it or finished it."""
+    key = cfg.key()
+    with claim(claim_file(results_path, key)) as mine:
+        if not mine:
+            logger.warning("cell %r (run %s) is being trained by another process; left to it", label, key)
+            return None
+        if key in finished_keys(results_path):  # finished by another process since we looked
+            return None
+        run_dir = work_dir / f"run-{key}"
+        written = []
 
-        return fit_mlm
-    return fit
+        def record(metrics: dict) -> None:
+            entry = make_record(grid.name, label, cfg, metrics)
+            try:
+                if append_result(results_path, entry):
+                    written.append(entry)
+            except OSError as error:
+                raise ResultNotWritten(f"run {key} finished but could not be recorded in {results_path} "
+                                       f"({error.strerror or error}); its checkpoint stays in {run_dir}: run the same "
+                                       "command again to record it without training again") from error
 
-
-def _record(grid: str, label: str, cfg: RunConfig, metrics: dict) -> dict:
-    return {
-        "key": cfg.key(),
-        "grid": grid,
-        "row": label,
-        "config": dataclasses.asdict(cfg),
-        "metrics": metrics,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+        steps = progress_bar(None, show_progress, leave=False, unit="step")
+        try:
+            get_recipe(grid.recipe).fit_function()(cfg, run_dir, cache_dir=work_dir / "cache", progress=steps,
+                                                   record=record)
+        finally:
+            steps.close()
+        return written[0] if written else None
 
 
 class _NoBar:
