@@ -45,9 +45,8 @@ def test_reproduce_help_and_table_of_the_committed_results_from_another_folder(e
 
 def test_run_a_tiny_config_from_another_folder(elsewhere):
     pytest.importorskip("transformers")
-    from tokenizers_for_tests import minilm_tokenizer
-
     import transformers
+    from tokenizers_for_tests import minilm_tokenizer
 
     try:
         tokenizer = minilm_tokenizer()

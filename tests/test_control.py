@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from control_plant import t64, toy_plant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +20,6 @@ from learnmask.control import (
     lagrangian_penalty,
     make_schedule,
 )
-
-from control_plant import t64, toy_plant
-
 
 # --------------------------------------------------------------------------------------
 # Case C1: the sign of the Lagrangian

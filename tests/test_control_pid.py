@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from control_plant import F64, t64
+from control_plant import toy_plant as run_plant
 
 from learnmask.control import (
     LagrangianController,
@@ -15,9 +17,6 @@ from learnmask.control import (
     PIDController,
     control_metrics,
 )
-
-from control_plant import F64, t64, toy_plant as run_plant
-
 
 # --------------------------------------------------------------------------------------
 # PIDController: sign, law, equivalence with dual ascent
@@ -309,8 +308,15 @@ def test_metrics_errors():
 
 
 def test_every_controller_implements_its_protocol():
-    from learnmask.control import (FixedPenalty, LagrangianController, LossAdaptiveController, PenaltyController,
-                                   PIController, PIDController, RatioController)
+    from learnmask.control import (
+        FixedPenalty,
+        LagrangianController,
+        LossAdaptiveController,
+        PenaltyController,
+        PIController,
+        PIDController,
+        RatioController,
+    )
 
     for controller in (LagrangianController(0.5), PIDController(0.5), PIController(0.5), FixedPenalty(0.1)):
         assert isinstance(controller, PenaltyController)

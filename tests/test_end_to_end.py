@@ -26,7 +26,7 @@ def test_reproduce_heads_quick_grid(tmp_path, capsys):
     records = read_jsonl(tmp_path / "work" / "results.jsonl")
     assert len(records) == 9
     by_row = {(r["row"], r["config"]["target_sparsity"]): r["metrics"] for r in records}
-    for (row, target), m in by_row.items():
+    for (_row, target), m in by_row.items():
         if target == 0.0:
             assert m["realized_sparsity"] == 0.0
         else:
@@ -50,9 +50,9 @@ def test_reproduce_heads_quick_grid(tmp_path, capsys):
 @needs_data
 def test_golden_losses_of_a_few_real_steps(tmp_path):
     """Regression guard: 4 steps of hard-concrete gate training on real data give stored losses."""
-    from learnmask.recipe import train as recipe
-
     from golden.make_golden import CONFIG as cfg
+
+    from learnmask.recipe import train as recipe
 
     prepared = recipe.prepare(cfg, tmp_path)
     trainer = recipe.Trainer(cfg, prepared, tmp_path / "run")

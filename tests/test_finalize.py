@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-
 import zoo
+from test_inject_masks import granularities
+
 from learnmask.export import finalize
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
-from test_inject_masks import granularities
 
 TOLERANCE = 1e-5  # fp32, max abs diff
 # finalize removes exactly what remaining_parameters() counts, except where it keeps zeros:

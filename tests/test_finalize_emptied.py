@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-
 import zoo
+from test_save_pruned import _same_structure
+
 from learnmask.export import finalize, load_pruned, save_pruned
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
 from learnmask.stats import count_parameters, layer_report
-from test_save_pruned import _same_structure
 
 OPEN_TOLERANCE, FINALIZE_TOLERANCE = 1e-6, 1e-5  # fp32, max abs diff
 HIDDEN = ["bert", "roberta", "distilbert", "gpt2", "vit", "llama"]  # the families hidden gating supports

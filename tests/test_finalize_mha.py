@@ -296,6 +296,6 @@ def test_encoder_prune_benchmark_quick_mode(tmp_path, capsys):
     assert result["heads_kept"] == 36 and result["ffn_units_kept"] == 4608
     assert result["parameters_pruned"] < result["parameters_dense"] / 1.9
     assert result["finalize_vs_gated_max_abs_diff"] <= 1e-5
-    seq, d, kept = 64, 384, 6 * 32  # the query identity map of each layer: 2 S (H' D)^2 per sequence
+    seq, kept = 64, 6 * 32  # the query identity map of each layer: 2 S (H' D)^2 per sequence
     assert result["flops_pruned"] == pytest.approx(result["flops_dense"] / 2 + 8 * 6 * 2 * seq * kept ** 2, rel=1e-9)
     assert "nn.TransformerEncoder (MiniLM shape) prune benchmark" in capsys.readouterr().out

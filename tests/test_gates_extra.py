@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from learnmask import functional as F
-from learnmask.gates import base as gate_base
 from learnmask.gates import (
     Gate,
     GumbelSigmoidGate,
@@ -23,6 +22,7 @@ from learnmask.gates import (
     register_gate,
     temperature_at,
 )
+from learnmask.gates import base as gate_base
 
 KINDS = ["fixed", "gumbel_sigmoid", "hard_concrete", "threshold", "topk"]
 

@@ -1,8 +1,8 @@
 """Fixed baselines: magnitude and gradient-importance scores by value, random and open masks."""
 import pytest
 import torch
-
 import zoo
+
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
 from learnmask.inject.importance import gradient_importance, keep_top, magnitude_scores, set_baseline

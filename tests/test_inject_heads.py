@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import transformers
+from conftest import tiny_bert
 from torch import nn
 
-from conftest import tiny_bert
 from learnmask.gates import FixedGate, HardConcreteGate
 from learnmask.inject import apply_head_gates, apply_masks
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+import zoo
 from torch import nn
 from torch.nn.utils import parametrize
 
-import zoo
 from learnmask.gates import FixedGate, HardConcreteGate, param_groups
 from learnmask.inject import MaskConfig, apply_masks, find_layers
 

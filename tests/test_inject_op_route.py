@@ -10,8 +10,8 @@ import copy
 
 import pytest
 import torch
-
 import zoo
+
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks, hf_attention
 from learnmask.ops import BackendNotSupported

@@ -1,19 +1,17 @@
 """Word grouping with real fast tokenizers (never by ``##``), entity masking, collators, DataLoader, Trainer."""
 import pytest
 import torch
+from tokenizers_for_tests import SENTENCES, byte_level_bpe, minilm_tokenizer, unigram_sentencepiece
 
 from learnmask.masks.collate import CausalLMCollator, MLMCollator, pad_examples, tokenize_for_mlm
 from learnmask.masks.inputs import (
     IGNORE_INDEX,
-    MaskingVocab,
     batch_word_ids,
     candidate_mask,
     keyword_spans,
     select_char_spans,
-    select_whole_words,
     word_ids_from_offsets,
 )
-from tokenizers_for_tests import SENTENCES, byte_level_bpe, minilm_tokenizer, unigram_sentencepiece
 
 TOKENIZERS = {"wordpiece": minilm_tokenizer, "byte_level_bpe": byte_level_bpe, "sentencepiece_unigram": unigram_sentencepiece}
 TEXT = "Tokenization of unbelievably long words"
@@ -124,7 +122,9 @@ def test_collator_in_a_dataloader_is_deterministic_and_rate_can_change():
 
     first, again, higher = run(0.15), run(0.15), run(0.9)
     assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(first, again))
-    count = lambda batches: sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches[1:])
+    def count(batches):
+        return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches[1:])
+
     assert count(higher) > 3 * count(first)
     assert first[0]["input_ids"].shape == (4, 16) and set(first[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
     with pytest.raises(ValueError, match="mlm_probability must be in"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers_for_tests import minilm_tokenizer as load_minilm_tokenizer
 
 from learnmask.masks.inputs import (
     IGNORE_INDEX,
@@ -19,7 +20,6 @@ from learnmask.masks.inputs import (
     select_tokens,
     select_whole_words,
 )
-from tokenizers_for_tests import minilm_tokenizer as load_minilm_tokenizer
 
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 A, B, C = 5, 6, 7

@@ -5,14 +5,14 @@ import pathlib
 
 import pytest
 import torch
+from tokenizers_for_tests import minilm_tokenizer
 
 from learnmask.cli import main
 from learnmask.recipe import mlm
 from learnmask.recipe.config import load_grid
 from learnmask.recipe.mlm_config import MLMRunConfig
-from learnmask.recipe.mlm_data import Chunks, batch_indices, chunk_play, heldout_batch
+from learnmask.recipe.mlm_data import batch_indices, chunk_play, heldout_batch
 from learnmask.recipe.mlm_table import summarize_mlm
-from tokenizers_for_tests import minilm_tokenizer
 
 TINY = dict(steps=4, batch_size=2, max_length=16, eval_chunks=4, head_warmup_steps=2, checkpoint_every=2, lr=1e-3)
 

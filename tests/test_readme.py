@@ -3,7 +3,6 @@ import pathlib
 import re
 
 import torch
-
 from conftest import tiny_bert
 
 

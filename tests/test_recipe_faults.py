@@ -14,13 +14,13 @@ import time
 
 import pytest
 import torch
+from test_recipe_train import config
 
 from learnmask import io
 from learnmask.cli import main
 from learnmask.recipe import train as recipe
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.results import read_results
-from test_recipe_train import config
 
 ROOT = pathlib.Path(__file__).parents[1]
 GRID = """

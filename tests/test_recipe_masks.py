@@ -4,12 +4,12 @@ import contextlib
 
 import pytest
 import torch
+from test_recipe_train import config
 
 from learnmask.recipe import measure
 from learnmask.recipe import train as recipe
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.mask_spec import MaskSpec
-from test_recipe_train import config
 
 
 def test_a_preset_is_its_mask_table(tiny, tmp_path):

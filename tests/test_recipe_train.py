@@ -4,8 +4,8 @@ import torch
 
 from learnmask.recipe import gating
 from learnmask.recipe import train as recipe
-from learnmask.recipe.loop import TrainingDiverged
 from learnmask.recipe.config import RunConfig
+from learnmask.recipe.loop import TrainingDiverged
 
 
 def config(**kw):

@@ -3,20 +3,19 @@ bit-identical eval outputs, for every supported architecture, with heads, FFN un
 dimensions and whole blocks removed, and nothing is unpickled on the way."""
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
+import zoo
+from test_finalize import gated
 from torch import nn
 
-import zoo
 from learnmask.export import finalize, load_pruned, save_pruned
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
-from test_finalize import gated
 
 
 def _no_unpickling(monkeypatch):

@@ -8,11 +8,11 @@ import re
 
 import pytest
 import torch
+from test_finalize import gated
+from test_mlm_recipe import tiny_model_path  # noqa: F401 (a fixture)
 
 from learnmask.export import finalize, load_pruned, save_pruned
 from learnmask.io import DamagedFileError, UnsafeFileError, load_torch_file, read_jsonl
-from test_finalize import gated
-from test_mlm_recipe import tiny_model_path  # noqa: F401 (a fixture)
 
 
 class _Payload:
@@ -88,6 +88,7 @@ def test_a_truncated_real_checkpoint_is_a_damaged_file(tmp_path):
 @pytest.fixture
 def tiny_classifier(monkeypatch):
     from conftest import synthetic, tiny_bert
+
     from learnmask.recipe import train
 
     def load(cfg):
@@ -120,7 +121,7 @@ def test_a_crafted_dense_weights_cache_is_refused(kind, tiny_classifier, tmp_pat
 
 
 @pytest.fixture
-def tiny_mlm(tiny_model_path):
+def tiny_mlm(tiny_model_path):  # noqa: F811 (the imported fixture)
     from test_mlm_recipe import tiny
 
     return tiny(tiny_model_path)

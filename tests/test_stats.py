@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
-
 import zoo
+from test_finalize import EXACT_COUNT, gated
+from test_inject_masks import granularities
+
 from learnmask.export import finalize
 from learnmask.gates import FixedGate
 from learnmask.inject import apply_masks
 from learnmask.stats import layer_report, total_flops
 from learnmask.summary import log_summary, summary
-from test_finalize import EXACT_COUNT, gated
-from test_inject_masks import granularities
 
 
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 pytest.importorskip("accelerate")
+from conftest import tiny_bert  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import learnmask as lm  # noqa: E402
-from conftest import tiny_bert  # noqa: E402
 from learnmask.trainer_callback import CONTROLLER_FILE, OPTIMIZER_FILE  # noqa: E402
 
 

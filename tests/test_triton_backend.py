@@ -33,9 +33,9 @@ if not HAS_CUDA and not triton_kernels.INTERPRETED:
 
 from einops import rearrange, repeat  # noqa: E402
 
+from learnmask.masks.structure import MaskStructure  # noqa: E402
 from learnmask.ops import triton_backend  # noqa: E402
 from learnmask.ops.base import AttentionInputs  # noqa: E402
-from learnmask.masks.structure import MaskStructure  # noqa: E402
 from learnmask.ops.triton_backend import BACKEND, TritonBackend, block_counts, triton_attention  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

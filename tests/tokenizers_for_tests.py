@@ -37,7 +37,7 @@ def _wrap(tokenizer, **special):
 @functools.cache
 def byte_level_bpe(with_mask: bool = True):
     """Byte-level BPE with ``<s> ... </s>`` around each text, ``pad = eos`` (GPT-2 style)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<s>", "</s>"] + (["<mask>"] if with_mask else [])
     tok = Tokenizer(models.BPE())

@@ -10,6 +10,10 @@
 from .base import PenaltyController, RatioController
 from .fixed_penalty import FixedPenalty
 from .lagrangian import LagrangianController, lagrangian_penalty
+from .loss_adaptive import LossAdaptiveController
+from .metrics import control_metrics
+from .pid import PIController, PIDController
+from .rate_schedules import RATE_SCHEDULE_KINDS, ConstantRate, CosineDecay, LinearDecay, make_rate_schedule
 from .schedules import (
     SCHEDULE_KINDS,
     ConstantTarget,
@@ -19,10 +23,6 @@ from .schedules import (
     check_target_sparsity,
     make_schedule,
 )
-from .loss_adaptive import LossAdaptiveController
-from .rate_schedules import RATE_SCHEDULE_KINDS, ConstantRate, CosineDecay, LinearDecay, make_rate_schedule
-from .metrics import control_metrics
-from .pid import PIController, PIDController
 
 __all__ = [
     "PenaltyController",

@@ -306,7 +306,7 @@ class LagrangianController(MultiplierController):
         self._setup(target, damping, lambda_1)
         self.lr = _check_real(lr, "lr", positive=True)
         self.lambda_2 = _check_real(lambda_2, "lambda_2", minimum=0.0)
-        self.target  # validate the schedule's value at step 0 now, not mid-training
+        _ = self.target  # validate the schedule's value at step 0 now, not mid-training
 
     def _update(self, error: float) -> None:
         """Dual ascent: ``lambda_1 += lr e``, ``lambda_2 += lr e^2``."""

@@ -145,7 +145,7 @@ class PIDController(MultiplierController):
         self.integral = self.lambda_1
         self.error_ema: float | None = None  # xi; None until the first finite error
         self._terms = {"p_term": 0.0, "i_term": self.integral, "d_term": 0.0}
-        self.target  # validate the schedule's value at step 0 now
+        _ = self.target  # validate the schedule's value at step 0 now
 
     def _update(self, error: float) -> None:
         clipped = error

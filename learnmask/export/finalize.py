@@ -29,14 +29,21 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from learnmask.export import mha, record, stubs
+from learnmask.export.hidden import prune_hidden
 from learnmask.inject import hooks
 from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers, is_mha
-from learnmask.inject.hidden import find_hidden_stream
-from learnmask.inject.layout import (bias_of, drop_bias, head_index, keep_inputs, keep_outputs, scale_inputs,
-                                     scale_outputs)
 from learnmask.inject.custom import custom_layers
 from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
-from learnmask.export.hidden import prune_hidden
+from learnmask.inject.hidden import find_hidden_stream
+from learnmask.inject.layout import (
+    bias_of,
+    drop_bias,
+    head_index,
+    keep_inputs,
+    keep_outputs,
+    scale_inputs,
+    scale_outputs,
+)
 
 
 def _kept_heads(keep: Tensor, heads: int, kv_heads: int) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ Shape legend: ``*shape`` is the gate's shape (any tuple of positive ints), N = p
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 

@@ -6,9 +6,9 @@ architecture and returns a :class:`MaskHandle`; ``apply_head_gates`` is its head
 """
 from learnmask.inject.architectures import SUPPORTED, LayerSpec, find_layers
 from learnmask.inject.config import ATTENTION_MODES, GRANULARITIES, MaskConfig
+from learnmask.inject.handle import MaskHandle
 from learnmask.inject.heads import apply_head_gates
 from learnmask.inject.hf_attention import AttentionPath
-from learnmask.inject.handle import MaskHandle
 from learnmask.inject.masks import apply_masks
 
 __all__ = [

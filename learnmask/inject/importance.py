@@ -19,8 +19,8 @@ from torch import Tensor
 
 from learnmask.functional import topk_mask
 from learnmask.gates import FixedGate
-from learnmask.inject.layout import weight_out_in
 from learnmask.inject.handle import MaskHandle
+from learnmask.inject.layout import weight_out_in
 
 BASELINES = ("open", "random", "magnitude", "importance")
 

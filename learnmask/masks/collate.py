@@ -228,7 +228,7 @@ class MLMCollator:
     """
 
     def __init__(self, tokenizer=None, *, vocab: MaskingVocab | None = None, pad_token_id: int | None = None,
-                 mlm_probability: float = 0.15, strategy: str = "token", split: ReplacementSplit = ReplacementSplit(),
+                 mlm_probability: float = 0.15, strategy: str = "token", split: ReplacementSplit = ReplacementSplit(),  # noqa: B008 (frozen, never mutated)
                  seed: int | None = None, generator: torch.Generator | None = None,
                  pad_to_multiple_of: int | None = None, geometric_p: float = 0.2, max_span: int = 10,
                  entity_probability: float = 1.0, keywords: Sequence[str] = (), rate_schedule=None,

@@ -20,9 +20,16 @@ import torch
 from learnmask.control import LossAdaptiveController, make_rate_schedule
 from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.masks.inputs import IGNORE_INDEX, MaskingVocab, mlm_loss
-from learnmask.recipe.mlm_config import MLMRunConfig
-from learnmask.recipe.mlm_data import Chunks, batch_indices, heldout_batch, mask_chunks, shakespeare_chunks, step_generator
 from learnmask.recipe.loop import TrainingLoop, warmup_linear_decay
+from learnmask.recipe.mlm_config import MLMRunConfig
+from learnmask.recipe.mlm_data import (
+    Chunks,
+    batch_indices,
+    heldout_batch,
+    mask_chunks,
+    shakespeare_chunks,
+    step_generator,
+)
 from learnmask.recipe.model import check_positions, default_model_path, freeze_parameters
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import pathlib
 import textwrap
 
 from learnmask.io import atomic_write_text
-from learnmask.recipe.grid import GridConfig
 from learnmask.recipe.figures import pyplot, save_png
+from learnmask.recipe.grid import GridConfig
 from learnmask.recipe.table import _tex_escape, mean_ci
 
 

@@ -16,8 +16,14 @@ import pathlib
 from learnmask.io import claim
 from learnmask.recipe.grid import GridConfig
 from learnmask.recipe.registry import get_recipe
-from learnmask.recipe.results import (ResultNotWritten, append_result, check_writable, claim_file, finished_keys,
-                                      make_record)
+from learnmask.recipe.results import (
+    ResultNotWritten,
+    append_result,
+    check_writable,
+    claim_file,
+    finished_keys,
+    make_record,
+)
 
 logger = logging.getLogger(__name__)
 

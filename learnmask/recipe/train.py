@@ -24,8 +24,16 @@ from learnmask.recipe.gating import Gating, keep_count, make_controller  # noqa:
 from learnmask.recipe.loop import Progress, TrainingLoop, warmup_linear_decay
 from learnmask.recipe.mask_spec import MaskSpec
 from learnmask.recipe.measure import accuracy_of, finalize_and_measure, logits_of, measure_dense
-from learnmask.recipe.model import (EncodedTexts, accuracy, batches, bucketed_order, check_positions, encode,
-                                    freeze_parameters, load_classifier)
+from learnmask.recipe.model import (
+    EncodedTexts,
+    accuracy,
+    batches,
+    bucketed_order,
+    check_positions,
+    encode,
+    freeze_parameters,
+    load_classifier,
+)
 
 logger = logging.getLogger(__name__)
 
