@@ -159,11 +159,21 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any
                 f"{_RESTART}") from None
         if "WeightsUnpickler error:" in detail:  # skip torch's advice to load it unsafely
             detail = detail[detail.index("WeightsUnpickler error:") + len("WeightsUnpickler error:"):]
+        if _is_raw_pickle(path):
+            raise UnsafeFileError(
+                f"{what} {path} was refused: it is a raw pickle stream, not a torch file learnmask wrote (those "
+                f"are zip archives), and unpickling it could run code; nothing ran from it. {_RESTART}") from None
         lines = [line.strip() for line in detail.splitlines() if line.strip()]
         reason = lines[0][:200] if lines else type(error).__name__
         raise DamagedFileError(
             f"{what} {path} cannot be read: it is empty, truncated or not a torch file ({reason}). "
             f"{_RESTART}") from None
+
+
+def _is_raw_pickle(path: pathlib.Path) -> bool:
+    """Whether ``path`` starts like a pickle stream (protocol 2+) rather than a torch zip archive."""
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

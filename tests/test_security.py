@@ -60,12 +60,12 @@ def test_the_crafted_files_do_run_code_when_unpickled(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_torch_file_refuses_a_crafted_file(kind, tmp_path, marker):
     _crafted(tmp_path / "evil.pt", marker, kind)
-    error = UnsafeFileError if kind == "torch" else DamagedFileError  # a raw pickle is no torch file
-    with pytest.raises(error, match=r"checkpoint .*evil.pt .*Delete it to restart"):
+    refusal = "loading it would run code" if kind == "torch" else "a raw pickle stream, not a torch file"
+    with pytest.raises(UnsafeFileError, match=rf"checkpoint .*evil.pt was refused: .*{refusal}.*Delete it to restart"):
         load_torch_file(tmp_path / "evil.pt")
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"\x80\x02garbage" * 7, "not torch\n".encode()])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "not torch\n".encode()])
 def test_empty_truncated_and_garbage_files_are_a_value_error_naming_the_file(content, tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(content)
