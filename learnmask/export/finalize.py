@@ -151,9 +151,10 @@ def _handle_of(model: nn.Module) -> MaskHandle:
 def _masks_and_names(handle: MaskHandle) -> tuple[dict[str, Tensor], list[str]]:
     if any(layer.arch == "custom" for layer in handle.layers):
         config, gated = handle.config, set(handle.gates)
-        missing = [f"{field} (for {base})" for field, base, needs in (
-            ("qkv_modules", "target_modules", {"heads", "attention_blocks"}),
-            ("ffn_up_modules", "ffn_modules", {"ffn", "ffn_blocks"})) if gated & needs and getattr(config, field) is None]
+        wiring = (("qkv_modules", "target_modules", {"heads", "attention_blocks"}),
+                  ("ffn_up_modules", "ffn_modules", {"ffn", "ffn_blocks"}))
+        missing = [f"{field} (for {base})" for field, base, needs in wiring
+                   if gated & needs and getattr(config, field) is None]
         if missing:
             raise ValueError(f"finalize needs to know where the removed units are read: apply_masks with "
                              f"{' and '.join(missing)}; without it the model can only be evaluated with its gates")

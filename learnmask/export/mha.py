@@ -9,9 +9,10 @@ signature and return value and calls ``F.multi_head_attention_forward`` itself, 
 ``add_zero_attn`` behave exactly as in ``nn.MultiheadAttention``.
 
 Layout of the replacement: ``q_proj``, ``k_proj``, ``v_proj`` (modules holding ``weight``
-``(H' D, E_in)`` and ``bias``), ``out_proj`` (``weight`` ``(E, H' D)``, ``bias``), attributes ``num_heads`` (H'), ``head_dim`` (D), ``embed_dim``
-(H' D), ``batch_first``, plus ``in_proj_bias = None`` and ``_qkv_same_embed_dim = False`` so
-``nn.TransformerEncoder(Layer)`` takes its ordinary (non-fused) path. Two differences from the
+``(H' D, E_in)`` and ``bias``), ``out_proj`` (``weight`` ``(E, H' D)``, ``bias``), attributes
+``num_heads`` (H'), ``head_dim`` (D), ``embed_dim`` (H' D), ``batch_first``, plus
+``in_proj_bias = None`` and ``_qkv_same_embed_dim = False`` so ``nn.TransformerEncoder(Layer)``
+takes its ordinary (non-fused) path. Two differences from the
 stock module, both documented in :func:`prune_heads`: the functional API wants a square query
 projection, so the query is projected to H' D first and then passes an ``(H' D, H' D)``
 identity (``q_identity``, a buffer; ``2 S (H' D)²`` extra FLOPs per sequence, counted by

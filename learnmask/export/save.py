@@ -196,7 +196,8 @@ def _original(folder: pathlib.Path, arch: dict, model: nn.Module | None) -> nn.M
         return model
     if library == "custom":
         raise ValueError(f"{folder} holds a pruned {name}, a class learnmask does not build from data; pass "
-                         f"load_pruned(folder, model=...) an unpruned {name.rpartition('.')[2]} built as before pruning")
+                         f"load_pruned(folder, model=...) an unpruned {name.rpartition('.')[2]} "
+                         "built as before pruning")
     if library == "torch":
         return architecture.build_torch(name, arch["args"])
     import transformers

@@ -148,10 +148,15 @@ class LayerSpec:
 def is_pruned_attention(module: nn.Module | None) -> bool:
     """An ``nn.MultiheadAttention`` whose heads ``finalize`` removed (see ``learnmask.export.mha``);
     recognised by its parts, so a model saved by an older learnmask is recognised too."""
-    return isinstance(module, fx.GraphModule) and all(
-        isinstance(getattr(getattr(module, name, None), "weight", None), Tensor)
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj")
-    ) and isinstance(getattr(module, "q_identity", None), Tensor) and isinstance(getattr(module, "num_heads", None), int)
+    return (
+        isinstance(module, fx.GraphModule)
+        and all(
+            isinstance(getattr(getattr(module, name, None), "weight", None), Tensor)
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
+        and isinstance(getattr(module, "q_identity", None), Tensor)
+        and isinstance(getattr(module, "num_heads", None), int)
+    )
 
 
 def is_mha(module: nn.Module | None) -> bool:

@@ -98,7 +98,8 @@ class MaskConfig:
                                  f"({len(getattr(self, base) or ())})")
             object.__setattr__(self, name, per_layer)
         named = [n for field in ("target_modules", "ffn_modules") for n in (getattr(self, field) or ())]
-        named += [n for field in ("qkv_modules", "ffn_up_modules") for group in (getattr(self, field) or ()) for n in group]
+        named += [n for field in ("qkv_modules", "ffn_up_modules")
+                  for group in (getattr(self, field) or ()) for n in group]
         repeated = sorted({n for n in named if named.count(n) > 1})
         if repeated:
             raise ValueError(f"module name(s) {repeated} given more than once across target_modules, qkv_modules, "

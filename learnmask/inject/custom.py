@@ -98,7 +98,8 @@ def custom_layers(model: nn.Module, config: MaskConfig) -> list[LayerSpec]:
                              "Conv1D); target_modules, qkv_modules, ffn_modules and ffn_up_modules name linear maps")
     outs, downs = list(config.target_modules or ()), list(config.ffn_modules or ())
     if outs and downs and len(outs) != len(downs):
-        raise ValueError(f"target_modules has {len(outs)} names and ffn_modules {len(downs)}; give one of each per layer")
+        raise ValueError(f"target_modules has {len(outs)} names and ffn_modules {len(downs)}; "
+                         "give one of each per layer")
     attribute = config.head_count_attribute
     if attribute and not any(_is_count(getattr(modules[n.rpartition(".")[0]], attribute, None)) for n in outs):
         raise ValueError(f"head_count_attribute {attribute!r}: no attention module (the parent of a target module) "

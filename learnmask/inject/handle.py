@@ -194,7 +194,8 @@ class MaskHandle:
             raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
         old = self.gates[name]
         if tuple(gate.log_alpha.shape) != tuple(old.log_alpha.shape):
-            raise ValueError(f"new {name} gate has shape {tuple(gate.log_alpha.shape)}; expected {tuple(old.log_alpha.shape)}")
+            raise ValueError(f"new {name} gate has shape {tuple(gate.log_alpha.shape)}; "
+                             f"expected {tuple(old.log_alpha.shape)}")
         gate.to(old.log_alpha.device).train(old.training)
         self.gates[name] = gate
         self.z.pop(name, None)

@@ -109,7 +109,8 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
         if gate is None:
             gate = make_gate(config.gate, shape, **config.gate_options)
         elif tuple(gate.log_alpha.shape) != shape:
-            raise ValueError(f"{name} gate has shape {tuple(gate.log_alpha.shape)}; expected {shape} for {type(model).__name__}")
+            raise ValueError(f"{name} gate has shape {tuple(gate.log_alpha.shape)}; "
+                             f"expected {shape} for {type(model).__name__}")
         built[name] = gate
     unknown = sorted(set(gates or {}) - set(shapes))
     if unknown:
