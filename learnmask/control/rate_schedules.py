@@ -107,7 +107,9 @@ class CosineDecay(_Decay):
         return self.final + (self.initial - self.final) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def make_rate_schedule(kind: str, initial: float, final: float, total_steps: int) -> ConstantRate | LinearDecay | CosineDecay:
+def make_rate_schedule(
+    kind: str, initial: float, final: float, total_steps: int
+) -> ConstantRate | LinearDecay | CosineDecay:
     """A masking-rate schedule from config values.
 
     Args:

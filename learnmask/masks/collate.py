@@ -90,7 +90,8 @@ def pad_examples(examples: Sequence[dict], pad_token_id: int | None, *, side: st
             values = [_PAD_VALUES["word_ids"] if v is None else v for v in values]
             padding = [fill if fill is not None else 0] * (length - n)
             rows.append(values + padding if side == "right" else padding + values)
-        out[key] = torch.tensor(rows, dtype=torch.long).reshape(len(examples), length, *((2,) if key == "offset_mapping" else ()))
+        trailing = (2,) if key == "offset_mapping" else ()
+        out[key] = torch.tensor(rows, dtype=torch.long).reshape(len(examples), length, *trailing)
     return out
 
 
@@ -275,12 +276,14 @@ class MLMCollator:
         collated = self._count.take()
         if self.rate_schedule is not None:
             self.mlm_probability = self.rate_schedule(collated // self.batches_per_step)
-        batch = pad_examples(examples, self.pad_token_id, side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = pad_examples(examples, self.pad_token_id, side=self.padding_side,
+                             pad_to_multiple_of=self.pad_to_multiple_of)
         generator = self._random.get()
         candidates = candidate_mask(batch["input_ids"], batch["attention_mask"], special_ids=self.vocab.special_ids,
                                     special_tokens_mask=batch.get("special_tokens_mask"))
         selected = self._select(batch, examples, candidates, generator)
-        masked, labels = apply_replacement(batch["input_ids"], selected, self.vocab, split=self.split, generator=generator)
+        masked, labels = apply_replacement(batch["input_ids"], selected, self.vocab, split=self.split,
+                                           generator=generator)
         out = {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
         if "token_type_ids" in batch:
             out["token_type_ids"] = batch["token_type_ids"]
@@ -288,8 +291,9 @@ class MLMCollator:
 
     def _need(self, batch: dict, key: str) -> Tensor:
         if key not in batch:
-            raise ValueError(f"strategy {self.strategy!r} needs {key!r} in every example (see tokenize_for_mlm); with "
-                             "the Hugging Face Trainer set remove_unused_columns=False so the column reaches the collator")
+            raise ValueError(f"strategy {self.strategy!r} needs {key!r} in every example (see tokenize_for_mlm); "
+                             "with the Hugging Face Trainer set remove_unused_columns=False so the column reaches "
+                             "the collator")
         return batch[key]
 
     def _select(self, batch: dict, examples: Sequence[dict], candidates: Tensor, generator) -> Tensor:
@@ -329,6 +333,7 @@ class CausalLMCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         """Examples → padded ``input_ids``, ``attention_mask`` and ``labels``, all ``(B, S)``."""
-        batch = pad_examples(examples, self.pad_token_id, side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = pad_examples(examples, self.pad_token_id, side=self.padding_side,
+                             pad_to_multiple_of=self.pad_to_multiple_of)
         labels = causal_lm_labels(batch["input_ids"], batch["attention_mask"])
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}

@@ -69,7 +69,9 @@ def check_same_shape(tensor: Tensor, reference: Tensor, name: str) -> None:
                          f"{tuple(reference.shape)} like input_ids")
 
 
-def word_ids_from_alignment(word_ids: Sequence[int | None], sequence_ids: Sequence[int | None] | None = None) -> list[int]:
+def word_ids_from_alignment(
+    word_ids: Sequence[int | None], sequence_ids: Sequence[int | None] | None = None
+) -> list[int]:
     """Renumber one row's tokenizer word alignment into per-row word ids (``-1`` = no word).
 
     A new word starts whenever the ``(sequence id, word id)`` pair changes or a token with no
@@ -87,7 +89,8 @@ def word_ids_from_alignment(word_ids: Sequence[int | None], sequence_ids: Sequen
         ValueError: the two lists differ in length.
     """
     if sequence_ids is not None and len(sequence_ids) != len(word_ids):
-        raise ValueError(f"word_ids has {len(word_ids)} entries but sequence_ids {len(sequence_ids)}; expected one per token")
+        raise ValueError(f"word_ids has {len(word_ids)} entries but sequence_ids {len(sequence_ids)}; "
+                         "expected one per token")
     out, previous, current = [], None, -1
     for position, word in enumerate(word_ids):
         if word is None:
@@ -116,7 +119,8 @@ def batch_word_ids(encoding, seq_len: int | None = None) -> Tensor:
     if not getattr(encoding, "is_fast", False):
         raise ValueError("word grouping needs a fast tokenizer's BatchEncoding (it carries word_ids()); "
                          "load the tokenizer with AutoTokenizer.from_pretrained(..., use_fast=True)")
-    rows = [word_ids_from_alignment(encoding.word_ids(i), encoding.sequence_ids(i)) for i in range(len(encoding.encodings))]
+    rows = [word_ids_from_alignment(encoding.word_ids(i), encoding.sequence_ids(i))
+            for i in range(len(encoding.encodings))]
     length = seq_len if seq_len is not None else max((len(row) for row in rows), default=0)
     out = torch.full((len(rows), length), -1, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -283,7 +287,8 @@ def select_char_spans(
     """
     probability = check_probability(probability, "probability")
     if offsets.dim() != 3 or tuple(offsets.shape[:2]) != tuple(candidates.shape):
-        raise ValueError(f"offsets has shape {tuple(offsets.shape)}; expected (batch, seq_len, 2) = {(*candidates.shape, 2)}")
+        raise ValueError(f"offsets has shape {tuple(offsets.shape)}; "
+                         f"expected (batch, seq_len, 2) = {(*candidates.shape, 2)}")
     if len(spans) != candidates.shape[0]:
         raise ValueError(f"got spans for {len(spans)} rows; expected one list per row (batch {candidates.shape[0]})")
     selected = torch.zeros(candidates.shape, dtype=torch.bool)

@@ -108,9 +108,9 @@ class MaskingVocab:
     def __post_init__(self) -> None:
         object.__setattr__(self, "special_ids", tuple(sorted({int(i) for i in self.special_ids})))
         if self.mask_token_id is None:
-            raise ValueError("this tokenizer has no mask token (mask_token_id is None), and masked LM needs one: add it "
-                             "with tokenizer.add_special_tokens({'mask_token': '[MASK]'}) and resize the model's "
-                             "embeddings, or train a causal LM with causal_lm_labels()")
+            raise ValueError("this tokenizer has no mask token (mask_token_id is None), and masked LM needs one: "
+                             "add it with tokenizer.add_special_tokens({'mask_token': '[MASK]'}) and resize the "
+                             "model's embeddings, or train a causal LM with causal_lm_labels()")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
         if len({i for i in self.special_ids if 0 <= i < self.vocab_size}) >= self.vocab_size:
@@ -309,7 +309,8 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         ValueError: ``logits.shape[:-1] != labels.shape``.
     """
     if tuple(logits.shape[:-1]) != tuple(labels.shape):
-        raise ValueError(f"logits has shape {tuple(logits.shape)}; expected labels' shape {tuple(labels.shape)} + (vocab,)")
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; "
+                         f"expected labels' shape {tuple(labels.shape)} + (vocab,)")
     flat_logits, flat_labels = rearrange(logits, "... v -> (...) v"), rearrange(labels, "... -> (...)")
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (flat_labels != IGNORE_INDEX).sum()

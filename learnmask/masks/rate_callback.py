@@ -47,7 +47,8 @@ class MaskingRateCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.dataloader_num_workers:
-            raise ValueError(f"a dynamic masking rate needs dataloader_num_workers=0 (got {args.dataloader_num_workers}): "
+            raise ValueError("a dynamic masking rate needs dataloader_num_workers=0 "
+                             f"(got {args.dataloader_num_workers}): "
                              "worker processes collate with their own copy of the collator")
         if self.controller is not None:
             self.collator.mlm_probability = self.controller.ratio
