@@ -81,8 +81,8 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=pathlib.Path, help="results JSON lines (default: runs/<grid>/results.jsonl)")
     parser.add_argument("--work-dir", type=pathlib.Path, help="checkpoints, caches, TensorBoard (default: runs/<grid>)")
     parser.add_argument("--tables-dir", type=pathlib.Path,
-                        help="where the tables go (default: paper/tables; with --set: <work-dir>/tables, and the table's "
-                             "name carries the overrides); figures go to <tables-dir>/../figures")
+                        help="where the tables go (default: paper/tables; with --set: <work-dir>/tables, "
+                             "and the table's name carries the overrides); figures go to <tables-dir>/../figures")
     parser.add_argument("--full", action="store_true",
                         help="all seeds of the grid (full_seeds) instead of the quick default; table <grid>-full.md")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every cell")
@@ -179,8 +179,10 @@ def _run(args) -> None:
             try:
                 atomic_write_text(done, json.dumps({**result, "metrics": metrics}, indent=1) + "\n")
             except OSError as error:
-                raise ResultNotWritten(f"the run finished but {done} could not be written ({error.strerror or error}); "
-                                       f"its checkpoint stays in {run_dir}: run the same command again to record it") from error
+                raise ResultNotWritten(
+                    f"the run finished but {done} could not be written ({error.strerror or error}); "
+                    f"its checkpoint stays in {run_dir}: run the same command again to record it"
+                ) from error
 
         bar = progress_bar(None, not args.no_progress, unit="step")
         try:
@@ -196,14 +198,16 @@ def _os_message(error: OSError) -> str:
     if error.strerror is None:
         return str(error)
     where = f": {error.filename}" if error.filename else ""
-    return f"{error.strerror}{where} (check the folder's permissions and free space, or choose another --results/--work-dir/--out)"
+    return (f"{error.strerror}{where} (check the folder's permissions and free space, "
+            "or choose another --results/--work-dir/--out)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``learnmask`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     command = "learnmask " + shlex.join(argv)
     try:
         if args.command == "run":

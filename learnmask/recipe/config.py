@@ -119,7 +119,8 @@ class RunConfig(ValidatedConfig):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         if self.sparsity_schedule not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; expected one of {list(SCHEDULE_KINDS)}")
+            raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; "
+                             f"expected one of {list(SCHEDULE_KINDS)}")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {self.controller!r}; expected one of {list(CONTROLLERS)}")
         for name in ("controller_kp", "controller_ki", "controller_damping", "l0_weight"):

@@ -33,7 +33,8 @@ def plot_trajectories(records: list[dict], path: pathlib.Path, *, title: str) ->
             steps = [i * trajectory["every"] for i in range(len(trajectory["sparsity"]))]
             ax.plot(steps, trajectory["sparsity"], label=row, linewidth=1.4)
         first = next(tr for (t, _), tr in chosen.items() if t == target)
-        ax.plot([i * first["every"] for i in range(len(first["target"]))], first["target"], "k--", linewidth=1, label="target")
+        steps = [i * first["every"] for i in range(len(first["target"]))]
+        ax.plot(steps, first["target"], "k--", linewidth=1, label="target")
         ax.set_title(f"target sparsity {target:g}")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -48,7 +48,9 @@ def attach(cfg: RunConfig, model: nn.Module, spec: MaskSpec) -> MaskHandle:
     return handle
 
 
-def importance(model: nn.Module, handle: MaskHandle, data: EncodedTexts, pad_id: int, batch_size: int) -> dict[str, Tensor]:
+def importance(
+    model: nn.Module, handle: MaskHandle, data: EncodedTexts, pad_id: int, batch_size: int
+) -> dict[str, Tensor]:
     """Unit importance of Michel, Levy & Neubig (2019) for every gated granularity.
 
     ``I_u = sum over batches of |∂L/∂z_u|`` at the open gate ``z = 1`` in eval mode (per-batch
@@ -165,8 +167,8 @@ class Gating:
         for name, gate in self.handle.gates.items():
             if gate.log_alpha.dim() == 2:
                 for layer, keep in enumerate(self.handle.keep_per_layer(name)):
-                    writer.add_scalar(f"keep_ratio/{name}/layer_{layer}" if name != "heads" else f"keep_ratio/layer_{layer}",
-                                      keep, step)
+                    tag = f"keep_ratio/{name}/layer_{layer}" if name != "heads" else f"keep_ratio/layer_{layer}"
+                    writer.add_scalar(tag, keep, step)
 
     def control_metrics(self) -> dict:
         """The controller's last numbers (``controller_*``), how well it tracked the target

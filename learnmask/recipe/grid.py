@@ -68,8 +68,8 @@ class GridConfig:
         axes = tuple(getattr(config, "GRID_AXES", ()))
         fixed = sorted({"seed", *axes} & set(overrides or {}))
         if fixed:
-            raise ValueError(f"{fixed} are set by the grid (seeds, full_seeds{' and each row' if axes else ''}), not by "
-                             "--set; edit the grid file or pass --grid-file")
+            raise ValueError(f"{fixed} are set by the grid (seeds, full_seeds{' and each row' if axes else ''}), "
+                             "not by --set; edit the grid file or pass --grid-file")
         cells = []
         for row in self.rows:
             settings = {**self.defaults, **row.settings, **(overrides or {})}
@@ -78,7 +78,8 @@ class GridConfig:
             where = f"grid {self.name!r}, row {row.label!r}"
             for combination in itertools.product(*values, self.full_seeds if full else self.seeds):
                 chosen = dict(zip(named, combination[:-1]))
-                cells.append((row.label, config.from_dict({**settings, **chosen, "seed": combination[-1]}, where=where)))
+                cell = config.from_dict({**settings, **chosen, "seed": combination[-1]}, where=where)
+                cells.append((row.label, cell))
         return cells
 
     def title_for(self, configs: list[Any]) -> str:
@@ -110,7 +111,8 @@ def _check_goals(path, goals: list, labels: set[str]) -> tuple[dict, ...]:
         keys = set(goal) - {"metric"}
         if keys not in GOAL_FORMS:
             forms = " or ".join(str(sorted(form)) for form in GOAL_FORMS)
-            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; expected {forms} (plus optional 'metric')")
+            raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; "
+                             f"expected {forms} (plus optional 'metric')")
         for key in ("row", "versus"):
             if key in goal and goal[key] not in labels:
                 raise ValueError(f"{path}: goal {number} names row {goal[key]!r}; rows are {sorted(labels)}")
@@ -121,8 +123,8 @@ def _check_title(path, grid: GridConfig) -> None:
     known = {field.name for field in dataclasses.fields(grid.config_class())}
     for _, field, _, _ in string.Formatter().parse(grid.title):
         if field is not None and field not in known:
-            raise ValueError(f"{path}: the title names {{{field}}}, which is not a setting of the {grid.recipe!r} recipe; "
-                             f"known: {sorted(known)}")
+            raise ValueError(f"{path}: the title names {{{field}}}, which is not a setting of the "
+                             f"{grid.recipe!r} recipe; known: {sorted(known)}")
     try:
         grid.title_for([cfg for _, cfg in grid.cells(full=True)])
     except (ValueError, TypeError) as error:

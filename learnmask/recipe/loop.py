@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 MAX_SKIPPED_FRACTION = 0.1
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
-_STATE_KEYS = {"format", "key", "step", "model", "optimizer", "scheduler", "task", "rng", "seconds", "losses", "skipped"}
+_STATE_KEYS = {
+    "format", "key", "step", "model", "optimizer", "scheduler", "task", "rng", "seconds", "losses", "skipped",
+}
 
 
 class TrainingDiverged(ValueError):
@@ -181,12 +183,14 @@ class TrainingLoop:
         self.skipped += 1
         total = self.task.total_steps
         allowed = int(self.max_skipped_fraction * total)
-        logger.warning("step %d: non-finite loss %s, step skipped (%d so far)", self.step, objective.item(), self.skipped)
+        logger.warning("step %d: non-finite loss %s, step skipped (%d so far)",
+                       self.step, objective.item(), self.skipped)
         if self.skipped > allowed:
             raise TrainingDiverged(
-                f"{self.skipped} of {self.step + 1} steps so far had a non-finite loss (last: {objective.item()}); a run "
-                f"may skip at most {self.max_skipped_fraction:.0%} of its {total} steps ({allowed}): it diverged and is "
-                f"not recorded. Lower lr or the controller's settings; delete {self.run_dir} to start it over")
+                f"{self.skipped} of {self.step + 1} steps so far had a non-finite loss (last: {objective.item()}); "
+                f"a run may skip at most {self.max_skipped_fraction:.0%} of its {total} steps ({allowed}): "
+                "it diverged and is not recorded. Lower lr or the controller's settings; "
+                f"delete {self.run_dir} to start it over")
 
     def save(self) -> None:
         """Write the checkpoint atomically (a killed write leaves the previous one)."""
@@ -223,7 +227,9 @@ class TrainingLoop:
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{path} does not fit this run ({type(error).__name__}: {str(error)[:200]}); {restart}") from error
+            raise ValueError(
+                f"{path} does not fit this run ({type(error).__name__}: {str(error)[:200]}); {restart}"
+            ) from error
         self.step, self.skipped, self.losses = int(state["step"]), int(state["skipped"]), list(state["losses"])
         self._seconds_before, self._started = float(state["seconds"]), time.perf_counter()
         logger.info("resumed %s at step %d", self.run_dir, self.step)

@@ -91,8 +91,8 @@ class MaskSpec:
         object.__setattr__(self, "controller", self.controller or default)
         self._check_controller()
         if self.attention not in ATTENTION_MODES or not isinstance(self.backend, str):
-            raise ValueError(f"masks.attention must be one of {list(ATTENTION_MODES)} and masks.backend a backend name; "
-                             f"got {self.attention!r}, {self.backend!r}")
+            raise ValueError(f"masks.attention must be one of {list(ATTENTION_MODES)} and masks.backend "
+                             f"a backend name; got {self.attention!r}, {self.backend!r}")
 
     def _check_controller(self) -> None:
         if self.controller not in CONTROLLERS:
@@ -142,5 +142,6 @@ def preset(method: str, *, controller: str, gate_init_log_alpha: float) -> MaskS
     if method == "dense":
         return None
     if method == "hard_concrete":
-        return MaskSpec(gate="hard_concrete", gate_options={"init_log_alpha": gate_init_log_alpha}, controller=controller)
+        return MaskSpec(gate="hard_concrete", gate_options={"init_log_alpha": gate_init_log_alpha},
+                        controller=controller)
     return MaskSpec(gate=method)

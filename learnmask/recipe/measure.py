@@ -74,8 +74,9 @@ def check_finalized(gated: Tensor, finalized: Tensor, data: EncodedTexts, *, par
     differ = gated.argmax(-1) != finalized.argmax(-1)
     diff = (gated - finalized).abs().max().item()
     if bool((differ & ~tie).any()):
-        raise FinalizeMismatch(f"the finalized model predicts {int((differ & ~tie).sum())} held-out examples differently "
-                               f"from the gated model (max logit difference {diff:.3g}); expected the same predictions")
+        raise FinalizeMismatch(f"the finalized model predicts {int((differ & ~tie).sum())} held-out examples "
+                               f"differently from the gated model (max logit difference {diff:.3g}); "
+                               "expected the same predictions")
     if parameters != finalized_parameters:
         raise FinalizeMismatch(f"the finalized model has {finalized_parameters} parameters; the gates reported "
                                f"{parameters}; expected them equal")
@@ -140,7 +141,8 @@ def finalize_and_measure(handle, model: nn.Module, test: EncodedTexts, pad_id: i
                               finalized_parameters=finalized_parameters)
     speed = measure_throughput({"dense": (model, handle.detached), "finalized": (small, contextlib.nullcontext)},
                                test, pad_id)
-    return {**metrics, "finalized_parameters": finalized_parameters, **_speed_metrics(speed["finalized"], speed["dense"])}
+    return {**metrics, "finalized_parameters": finalized_parameters,
+            **_speed_metrics(speed["finalized"], speed["dense"])}
 
 
 def measure_dense(model: nn.Module, test: EncodedTexts, pad_id: int) -> dict:

@@ -111,7 +111,9 @@ def log_unigram(train: Chunks, vocab: MaskingVocab) -> torch.Tensor:
     return torch.log((counts + 1) / (counts + 1).sum()).float()
 
 
-def warm_head(cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, evaluation, cache_dir: pathlib.Path) -> dict:
+def warm_head(
+    cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks, evaluation, cache_dir: pathlib.Path
+) -> dict:
     """Train the MLM head alone at 15% (token masking) for ``head_warmup_steps``, cached per seed.
 
     The bias starts at the log unigram frequencies of the training text (:func:`log_unigram`);
@@ -167,12 +169,14 @@ class RatePolicy:
     def __init__(self, cfg: MLMRunConfig):
         self.controller = None
         if cfg.schedule == "adaptive":
-            self.controller = LossAdaptiveController(cfg.mlm_probability, r_min=cfg.rate_min, r_max=cfg.rate_max, harder="up",
-                                                     ema=cfg.adaptive_ema, tolerance=cfg.adaptive_tolerance,
+            self.controller = LossAdaptiveController(cfg.mlm_probability, r_min=cfg.rate_min, r_max=cfg.rate_max,
+                                                     harder="up", ema=cfg.adaptive_ema,
+                                                     tolerance=cfg.adaptive_tolerance,
                                                      max_step=cfg.adaptive_max_step)
         else:
             # reaches final_mlm_probability at the last step
-            self.schedule = make_rate_schedule(cfg.schedule, cfg.mlm_probability, cfg.final_mlm_probability, cfg.steps - 1)
+            self.schedule = make_rate_schedule(cfg.schedule, cfg.mlm_probability, cfg.final_mlm_probability,
+                                               cfg.steps - 1)
 
     def rate(self, step: int) -> float:
         """``mlm_probability`` for ``step``, in [0, 1]."""

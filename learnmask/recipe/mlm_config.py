@@ -78,7 +78,8 @@ class MLMRunConfig(ValidatedConfig):
         if self.schedule not in RATE_MODES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {list(RATE_MODES)}")
         if self.strategy not in STRATEGIES or self.strategy == "entity":
-            raise ValueError(f"strategy must be one of ['token', 'whole_word', 'span'] for this corpus; got {self.strategy!r}")
+            raise ValueError("strategy must be one of ['token', 'whole_word', 'span'] for this corpus; "
+                             f"got {self.strategy!r}")
         for name in _UNIT:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1] (a fraction of tokens); got {getattr(self, name)}")
@@ -86,13 +87,14 @@ class MLMRunConfig(ValidatedConfig):
             raise ValueError(f"adaptive: mlm_probability {self.mlm_probability} must lie in [rate_min, rate_max] = "
                              f"[{self.rate_min}, {self.rate_max}]")
         if not 0.0 < self.adaptive_ema < 1.0 or not 0.0 < self.adaptive_max_step <= 1.0 or self.adaptive_tolerance < 0:
-            raise ValueError("need adaptive_ema in (0, 1), adaptive_max_step in (0, 1] and adaptive_tolerance >= 0; got "
-                             f"{self.adaptive_ema}, {self.adaptive_max_step}, {self.adaptive_tolerance}")
+            raise ValueError("need adaptive_ema in (0, 1), adaptive_max_step in (0, 1] and adaptive_tolerance >= 0; "
+                             f"got {self.adaptive_ema}, {self.adaptive_max_step}, {self.adaptive_tolerance}")
         for name in ("heldout_plays", "batch_size", "steps", "eval_chunks", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.max_length < 8 or self.head_warmup_steps < 0:
-            raise ValueError(f"need max_length >= 8 and head_warmup_steps >= 0; got {self.max_length}, {self.head_warmup_steps}")
+            raise ValueError("need max_length >= 8 and head_warmup_steps >= 0; "
+                             f"got {self.max_length}, {self.head_warmup_steps}")
         for name in ("lr", "head_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")

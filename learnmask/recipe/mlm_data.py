@@ -45,7 +45,8 @@ def chunk_play(tokenizer, text: str, max_length: int) -> Chunks:
         ValueError: the tokenizer has no CLS/SEP token or is not fast (no word alignment).
     """
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or not tokenizer.is_fast:
-        raise ValueError(f"{type(tokenizer).__name__} needs CLS and SEP tokens and a fast implementation for MLM chunks")
+        raise ValueError(f"{type(tokenizer).__name__} needs CLS and SEP tokens "
+                         "and a fast implementation for MLM chunks")
     encoding = tokenizer(text, add_special_tokens=False)
     ids, words = encoding["input_ids"], encoding.word_ids()
     body = max_length - 2
@@ -54,7 +55,8 @@ def chunk_play(tokenizer, text: str, max_length: int) -> Chunks:
         rows_ids.append([tokenizer.cls_token_id, *ids[start : start + body], tokenizer.sep_token_id])
         rows_words.append(word_ids_from_alignment([None, *words[start : start + body], None]))
     shape = (len(rows_ids), max_length)
-    return Chunks(torch.tensor(rows_ids, dtype=torch.long).reshape(shape), torch.tensor(rows_words, dtype=torch.long).reshape(shape))
+    return Chunks(torch.tensor(rows_ids, dtype=torch.long).reshape(shape),
+                  torch.tensor(rows_words, dtype=torch.long).reshape(shape))
 
 
 def _concat(parts: list[Chunks], max_length: int) -> Chunks:
@@ -94,7 +96,9 @@ def select(strategy: str, chunks: Chunks, vocab: MaskingVocab, rate: float, gene
     return select_tokens(candidates, rate, generator=generator)
 
 
-def mask_chunks(strategy: str, chunks: Chunks, vocab: MaskingVocab, rate: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def mask_chunks(
+    strategy: str, chunks: Chunks, vocab: MaskingVocab, rate: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``(masked_ids, labels)``, both ``(N, L)``: 80/10/10 replacement at ``rate`` (see ``learnmask.masks.inputs``)."""
     selected = select(strategy, chunks, vocab, rate, generator)
     return apply_replacement(chunks.input_ids, selected, vocab, generator=generator)

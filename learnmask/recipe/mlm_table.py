@@ -59,12 +59,14 @@ def _summary(label: str, records: list[dict], baseline: dict[int, dict]) -> MLMS
     metrics = list(runs.values())
     accuracy, accuracy_ci = mean_ci([100 * m["heldout_accuracy"] for m in metrics])
     loss, loss_ci = mean_ci([m["heldout_loss"] for m in metrics])
-    paired = [100 * (runs[s]["heldout_accuracy"] - baseline[s]["heldout_accuracy"]) for s in sorted(runs) if s in baseline]
+    paired = [100 * (runs[s]["heldout_accuracy"] - baseline[s]["heldout_accuracy"])
+              for s in sorted(runs) if s in baseline]
     delta, delta_ci = mean_ci(paired) if paired else (None, None)
     mean = lambda name: sum(m[name] for m in metrics) / len(metrics)  # noqa: E731
     return MLMSummary(
         row=label, n=len(metrics), accuracy=accuracy, accuracy_ci=accuracy_ci, loss=loss, loss_ci=loss_ci,
-        delta=delta, delta_ci=delta_ci, final_rate=mean("final_mlm_probability"), mean_rate=mean("mean_mlm_probability"),
+        delta=delta, delta_ci=delta_ci,
+        final_rate=mean("final_mlm_probability"), mean_rate=mean("mean_mlm_probability"),
         accuracy_before=100 * mean("heldout_accuracy_before"), loss_before=mean("heldout_loss_before"),
         steps=max(m["steps"] for m in metrics), masked_tokens=metrics[0]["masked_tokens"],
     )
@@ -88,9 +90,10 @@ def mlm_markdown(summaries: list[MLMSummary], *, title: str, command: str) -> st
                      f"| {delta} | {_ci(s.delta_ci, 2)} | {s.n} | {s.final_rate:.3f} | {s.mean_rate:.3f} | {s.steps} |")
     if summaries:
         first = summaries[0]
-        lines += ["", f"Held-out: {first.masked_tokens} tokens of held-out plays, masked once at a fixed 15% with a fixed "
-                      "generator (the same positions for every row). After the MLM-head warm-up alone (before the "
-                      f"compared phase): accuracy {first.accuracy_before:.2f}%, loss {first.loss_before:.3f} (mean over seeds)."]
+        lines += ["", f"Held-out: {first.masked_tokens} tokens of held-out plays, masked once at a fixed 15% "
+                      "with a fixed generator (the same positions for every row). After the MLM-head warm-up alone "
+                      f"(before the compared phase): accuracy {first.accuracy_before:.2f}%, "
+                      f"loss {first.loss_before:.3f} (mean over seeds)."]
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +110,9 @@ def mlm_latex(summaries: list[MLMSummary], *, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_mlm_tables(grid: GridConfig, records: list[dict], out_stem: pathlib.Path, *, title: str, command: str) -> list[MLMSummary]:
+def write_mlm_tables(
+    grid: GridConfig, records: list[dict], out_stem: pathlib.Path, *, title: str, command: str
+) -> list[MLMSummary]:
     """Write ``<out_stem>.md`` and ``<out_stem>.tex`` atomically; return the summaries.
 
     Raises:
@@ -139,7 +144,8 @@ def plot_rates(records: list[dict], path: pathlib.Path, *, title: str) -> bool:
         return False
     figure, ax = plt.subplots(figsize=(6.4, 4.4))
     for row, trajectory in chosen.items():
-        ax.plot([i * trajectory["every"] for i in range(len(trajectory["rate"]))], trajectory["rate"], label=row, linewidth=1.4)
+        steps = [i * trajectory["every"] for i in range(len(trajectory["rate"]))]
+        ax.plot(steps, trajectory["rate"], label=row, linewidth=1.4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mlm_probability")
     ax.grid(alpha=0.3)

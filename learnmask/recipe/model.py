@@ -113,7 +113,9 @@ def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> E
     return EncodedTexts(list(ids), list(labels))
 
 
-def bucketed_order(lengths: list[int], batch_size: int, generator: torch.Generator, bucket_batches: int = 50) -> list[int]:
+def bucketed_order(
+    lengths: list[int], batch_size: int, generator: torch.Generator, bucket_batches: int = 50
+) -> list[int]:
     """A shuffled order whose consecutive ``batch_size`` chunks hold sequences of similar length.
 
     The examples are shuffled, cut into buckets of ``bucket_batches * batch_size``, sorted by

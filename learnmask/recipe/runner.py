@@ -84,7 +84,8 @@ def run_grid(
         for label, cfg in todo:
             target = f" @ {cfg.target_sparsity:g}" if hasattr(cfg, "target_sparsity") else ""
             bar.set_description(f"{label}{target}, seed {cfg.seed}")
-            record = run_cell(grid, label, cfg, results_path=results_path, work_dir=work_dir, show_progress=show_progress)
+            record = run_cell(grid, label, cfg, results_path=results_path, work_dir=work_dir,
+                              show_progress=show_progress)
             if record is not None:
                 written.append(record)
             bar.update(1)

@@ -93,7 +93,8 @@ def prepare(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | None =
         for name, score in scores.items():
             handle.set_gate(name, FixedGate.from_scores(score, keep=keep_count(score.numel(), cfg.target_sparsity)))
         extra["accuracy_before_retraining"] = accuracy(model, test, pad_id)
-        extra["importance"] = scores["heads"].tolist() if list(scores) == ["heads"] else {k: v.tolist() for k, v in scores.items()}
+        extra["importance"] = (scores["heads"].tolist() if list(scores) == ["heads"]
+                               else {k: v.tolist() for k, v in scores.items()})
     epochs = cfg.importance_epochs if spec.gate == "importance" else cfg.epochs
     return Prepared(model, handle, train, test, pad_id, epochs, extra, spec)
 
@@ -261,8 +262,8 @@ def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progr
     trainer = Trainer(cfg, prepared, run_dir)
     try:
         trainer.run(progress)
-        metrics = {"train_seconds": round(trainer.seconds(), 1), "skipped_steps": trainer.loop.skipped, **prepared.extra,
-                   **trainer.final_metrics()}
+        metrics = {"train_seconds": round(trainer.seconds(), 1), "skipped_steps": trainer.loop.skipped,
+                   **prepared.extra, **trainer.final_metrics()}
         metrics.update(evaluate(prepared, metrics))
         if prepared.handle is None:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ class ValidatedConfig:
                     check_finite(field.name, float(value))
                     object.__setattr__(self, field.name, float(value))
             else:
-                ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+                bool_for_int = isinstance(value, bool) and not isinstance(default, bool)
+                ok = isinstance(value, type(default)) and not bool_for_int
                 expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
             if not ok:
                 raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
