@@ -226,7 +226,9 @@ def host_overhead(rep_ms: int, calls: int = 200) -> dict:
     batch, heads, seq = 1, 16, 128
     gen = torch.Generator().manual_seed(0)
     structure, mask_mod, keep, dependent = build_mask("causal", batch, seq, "cuda", gen)
-    q, k, v, grad = (torch.randn(batch, heads, seq, HEAD_DIM, generator=gen).to("cuda", torch.float16) for _ in range(4))
+    q, k, v, grad = (
+        torch.randn(batch, heads, seq, HEAD_DIM, generator=gen).to("cuda", torch.float16) for _ in range(4)
+    )
     z = (0.1 + 0.9 * torch.rand(batch, seq, generator=gen)).to("cuda")
     impls, _ = make_impls(structure, mask_mod, keep, dependent, batch, heads, seq)
     result = {"S": seq, "B": batch, "H": heads, "dtype": "float16", "mask": "causal"}

@@ -172,7 +172,8 @@ def report(r: dict) -> str:
         ("parameters", f"{r['parameters_dense']:,}", f"{r['parameters_pruned']:,}"),
         ("GFLOPs (layers)", f"{r['flops_dense'] / 1e9:.2f}", f"{r['flops_pruned'] / 1e9:.2f}"),
         ("median ms/batch", f"{r['seconds_dense_median'] * 1e3:.1f}", f"{r['seconds_pruned_median'] * 1e3:.1f}"),
-        ("median CPU ms/batch", f"{r['cpu_seconds_dense_median'] * 1e3:.1f}", f"{r['cpu_seconds_pruned_median'] * 1e3:.1f}"),
+        ("median CPU ms/batch", f"{r['cpu_seconds_dense_median'] * 1e3:.1f}",
+         f"{r['cpu_seconds_pruned_median'] * 1e3:.1f}"),
     ]
     lines = [f"{r['model']} prune benchmark: batch {r['batch_size']} x {r['seq_len']} tokens, CPU fp32, "
              f"{r['threads']} threads, median of {r['runs']} runs after {r['warmup']} warm-up, units by {r['select']}"]
