@@ -20,15 +20,18 @@ def calibrate():
 
 def _rows(truth: dict) -> list[dict]:
     work, gain, rows = 8 * 128, cost_model.threads_gain(), []
-    for seq, mask, pairs, calls in ((512, "window", 171264, 8), (512, "padding", 327680, 1), (1024, "documents", 673152, 8),
-                                    (2048, "window", 758016, 32), (2048, "causal", 4767744, 13), (256, "documents", 52736, 4)):
+    cases = ((512, "window", 171264, 8), (512, "padding", 327680, 1), (1024, "documents", 673152, 8),
+             (2048, "window", 758016, 32), (2048, "causal", 4767744, 13), (256, "documents", 52736, 4))
+    for seq, mask, pairs, calls in cases:
         dense = 2 * seq * seq
         compute = pairs * work / gain / truth["R_BLOCKS"]
         blocks_f = compute + calls * truth["C_CALL"]
         sdpa_f = dense * work / gain / truth["R_MASKED"]
+        blocks_fb = blocks_f + truth["BWD_BLOCKS"] * compute + calls * truth["C_CALL_BWD"]
         rows.append(dict(S=seq, mask=mask, pairs=pairs, calls=calls, chunks=calls, dense_pairs=dense,
-                         blocks_f=blocks_f, blocks_fb=blocks_f + truth["BWD_BLOCKS"] * compute + calls * truth["C_CALL_BWD"],
-                         sdpa_f=sdpa_f, sdpa_fb=sdpa_f * (1 + truth["BWD_SDPA"]), sdpa_dense_f=sdpa_f, sdpa_dense_fb=2 * sdpa_f,
+                         blocks_f=blocks_f, blocks_fb=blocks_fb,
+                         sdpa_f=sdpa_f, sdpa_fb=sdpa_f * (1 + truth["BWD_SDPA"]),
+                         sdpa_dense_f=sdpa_f, sdpa_dense_fb=2 * sdpa_f,
                          auto_f="blocks", auto_fb="sdpa"))
     return rows
 
@@ -48,4 +51,5 @@ def test_check_reports_auto_against_the_faster_backend(calibrate):
     assert first["auto"] == "blocks" and first["vs_best"] == pytest.approx(1.0)
     assert first["vs_sdpa_dense"] == pytest.approx(rows[0]["blocks_f"] / rows[0]["sdpa_dense_f"])
     backward = checks[1]  # forward+backward: sdpa picked although blocks is faster
-    assert backward["auto"] == "sdpa" and backward["vs_best"] == pytest.approx(rows[0]["sdpa_fb"] / rows[0]["blocks_fb"])
+    assert backward["auto"] == "sdpa"
+    assert backward["vs_best"] == pytest.approx(rows[0]["sdpa_fb"] / rows[0]["blocks_fb"])

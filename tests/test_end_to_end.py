@@ -21,7 +21,8 @@ QUICK = ["--set", "max_train_examples=640", "--set", "test_size=300", "--set", "
 
 @needs_data
 def test_reproduce_heads_quick_grid(tmp_path, capsys):
-    args = ["reproduce", "heads", "--work-dir", str(tmp_path / "work"), "--tables-dir", str(tmp_path / "tables"), *QUICK]
+    args = ["reproduce", "heads", "--work-dir", str(tmp_path / "work"), "--tables-dir", str(tmp_path / "tables"),
+            *QUICK]
     assert main(args) == 0
     records = read_jsonl(tmp_path / "work" / "results.jsonl")
     assert len(records) == 9

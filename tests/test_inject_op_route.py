@@ -98,7 +98,8 @@ def test_closed_gates_through_the_op_equal_the_hook_path_gates_included(name):
         m = copy.deepcopy(model)
         handle = apply_masks(m, heads=True, attention=attention, gate_options={"init_log_alpha": 0.0})
         with torch.no_grad():
-            handle.gates["heads"].log_alpha.copy_(torch.randn(zoo.LAYERS, zoo.HEADS, generator=torch.Generator().manual_seed(3)) * 2)
+            noise = torch.randn(zoo.LAYERS, zoo.HEADS, generator=torch.Generator().manual_seed(3))
+            handle.gates["heads"].log_alpha.copy_(noise * 2)
         out, grads = _seeded_forward_backward(m, batch, handle)
         return out, grads, handle
 

@@ -89,10 +89,11 @@ def test_summaries_and_goals():
     assert [(s.row, s.target, s.n) for s in rows] == [("dense", 0.0, 2), ("hc", 0.9, 2)]
     assert rows[1].accuracy == pytest.approx(91.0) and rows[1].heads == "7 of 72"
     assert rows[1].half_width == pytest.approx(12.706205 * 1.0, rel=1e-5)  # sem = 1 point
+    versus_dense = {"versus": "dense", "versus_target": 0.0}
     goals = [
-        {"description": "close to dense", "row": "hc", "target": 0.9, "versus": "dense", "versus_target": 0.0, "min_difference": -2.5},
-        {"description": "far above dense", "row": "hc", "target": 0.9, "versus": "dense", "versus_target": 0.0, "min_difference": 1.0},
-        {"description": "missing", "row": "hc", "target": 0.5, "versus": "dense", "versus_target": 0.0, "min_difference": 0},
+        {"description": "close to dense", "row": "hc", "target": 0.9, **versus_dense, "min_difference": -2.5},
+        {"description": "far above dense", "row": "hc", "target": 0.9, **versus_dense, "min_difference": 1.0},
+        {"description": "missing", "row": "hc", "target": 0.5, **versus_dense, "min_difference": 0},
     ]
     lines = check_goals(goals, rows)
     assert lines == [

@@ -13,7 +13,8 @@ from learnmask.masks.inputs import (
     word_ids_from_offsets,
 )
 
-TOKENIZERS = {"wordpiece": minilm_tokenizer, "byte_level_bpe": byte_level_bpe, "sentencepiece_unigram": unigram_sentencepiece}
+TOKENIZERS = {"wordpiece": minilm_tokenizer, "byte_level_bpe": byte_level_bpe,
+              "sentencepiece_unigram": unigram_sentencepiece}
 TEXT = "Tokenization of unbelievably long words"
 
 
@@ -44,8 +45,10 @@ def test_word_ids_group_the_pieces_of_each_word(name):
 def test_offsets_give_the_same_words_as_word_ids(name):
     tokenizer = TOKENIZERS[name]()
     texts = ["the quick brown fox", "unbelievably long words here"]
-    encoding = tokenizer(texts, padding=True, return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
-    candidates = candidate_mask(encoding["input_ids"], encoding["attention_mask"], special_tokens_mask=encoding["special_tokens_mask"])
+    encoding = tokenizer(texts, padding=True, return_offsets_mapping=True, return_special_tokens_mask=True,
+                         return_tensors="pt")
+    candidates = candidate_mask(encoding["input_ids"], encoding["attention_mask"],
+                                special_tokens_mask=encoding["special_tokens_mask"])
     from_offsets = word_ids_from_offsets(encoding["offset_mapping"], texts, candidates)
     assert torch.equal(from_offsets, batch_word_ids(encoding).masked_fill(~candidates, -1))
 
@@ -126,7 +129,8 @@ def test_collator_in_a_dataloader_is_deterministic_and_rate_can_change():
         return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches[1:])
 
     assert count(higher) > 3 * count(first)
-    assert first[0]["input_ids"].shape == (4, 16) and set(first[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    assert first[0]["input_ids"].shape == (4, 16)
+    assert set(first[0]) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
     with pytest.raises(ValueError, match="mlm_probability must be in"):
         MLMCollator(tokenizer).mlm_probability = 1.2
 
@@ -151,8 +155,8 @@ def test_as_data_collator_of_the_hugging_face_trainer(tmp_path):
     import transformers
 
     tokenizer = minilm_tokenizer()
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
     model = transformers.BertForMaskedLM(config)
     examples = tokenize_for_mlm(tokenizer, SENTENCES, max_length=16)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,

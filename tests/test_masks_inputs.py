@@ -211,7 +211,9 @@ def test_only_special_tokens_give_no_labels_and_zero_loss(p):
     ids = torch.tensor([[CLS, SEP, PAD], [CLS, UNK, SEP]])
     words = torch.tensor([[-1, -1, -1], [-1, 0, -1]])
     candidates = candidate_mask(ids, torch.tensor([[1, 1, 0], [1, 1, 1]]), special_ids=VOCAB.special_ids)
-    for selected in (select_tokens(candidates, p), select_whole_words(words, candidates, p), select_spans(words, candidates, p)):
+    selections = (select_tokens(candidates, p), select_whole_words(words, candidates, p),
+                  select_spans(words, candidates, p))
+    for selected in selections:
         masked, labels = apply_replacement(ids, selected, VOCAB)
         assert torch.equal(masked, ids) and torch.all(labels == IGNORE_INDEX)
         assert mlm_loss(torch.randn(2, 3, 50), labels).item() == 0.0
@@ -268,7 +270,8 @@ def test_mlm_loss_equals_cross_entropy_over_labelled_positions():
 
 
 def test_a_special_token_typed_in_the_text_is_never_selected(minilm_tokenizer):
-    encoding = minilm_tokenizer(["[CLS] [MASK] hello [SEP] world"], return_special_tokens_mask=True, return_tensors="pt")
+    encoding = minilm_tokenizer(["[CLS] [MASK] hello [SEP] world"], return_special_tokens_mask=True,
+                                return_tensors="pt")
     vocab = MaskingVocab.from_tokenizer(minilm_tokenizer)
     candidates = candidate_mask(encoding["input_ids"], encoding["attention_mask"], special_ids=vocab.special_ids,
                                 special_tokens_mask=encoding["special_tokens_mask"])

@@ -24,8 +24,8 @@ def tiny_model_path(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = minilm_tokenizer()
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
     torch.manual_seed(0)
     transformers.BertForMaskedLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -40,7 +40,8 @@ def test_chunks_are_cls_body_sep_with_word_ids():
     tokenizer = minilm_tokenizer()
     chunks = chunk_play(tokenizer, "To be, or not to be: that is the question. " * 20, 16)
     assert chunks.input_ids.shape[1] == 16 and len(chunks) >= 10
-    assert torch.all(chunks.input_ids[:, 0] == tokenizer.cls_token_id) and torch.all(chunks.input_ids[:, -1] == tokenizer.sep_token_id)
+    assert torch.all(chunks.input_ids[:, 0] == tokenizer.cls_token_id)
+    assert torch.all(chunks.input_ids[:, -1] == tokenizer.sep_token_id)
     assert torch.all(chunks.word_ids[:, 0] == -1) and torch.all(chunks.word_ids[:, 1] == 0)
 
 
@@ -86,21 +87,25 @@ def test_tiny_run_learns_and_resume_is_exact(tiny_model_path, tmp_path):
 def test_every_row_starts_from_the_same_cached_head(tiny_model_path, tmp_path):
     constant = mlm.fit_mlm(tiny(tiny_model_path), tmp_path / "a", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("mlm-head-*.pt"))) == 1
-    decay = mlm.fit_mlm(tiny(tiny_model_path, schedule="linear", mlm_probability=0.3), tmp_path / "b", cache_dir=tmp_path / "cache")
+    decay = mlm.fit_mlm(tiny(tiny_model_path, schedule="linear", mlm_probability=0.3), tmp_path / "b",
+                        cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("mlm-head-*.pt"))) == 1
     assert decay["heldout_accuracy_before"] == constant["heldout_accuracy_before"]
-    assert decay["mlm_probability_trajectory"]["rate"] == pytest.approx([0.3, 0.25, 0.2, 0.15])  # final rate at the last step
+    rates = decay["mlm_probability_trajectory"]["rate"]
+    assert rates == pytest.approx([0.3, 0.25, 0.2, 0.15])  # final rate at the last step
     fresh = mlm.fit_mlm(tiny(tiny_model_path), tmp_path / "c", cache_dir=tmp_path / "other-cache")
     assert fresh["heldout_loss"] == constant["heldout_loss"]  # a cached head gives the same run as a fresh warm-up
 
 
 def record(row, seed, accuracy, loss=3.0):
-    metrics = {"heldout_accuracy": accuracy, "heldout_loss": loss, "heldout_accuracy_before": 0.1, "heldout_loss_before": 6.0,
+    metrics = {"heldout_accuracy": accuracy, "heldout_loss": loss,
+               "heldout_accuracy_before": 0.1, "heldout_loss_before": 6.0,
                "final_mlm_probability": 0.15, "mean_mlm_probability": 0.2, "steps": 60, "masked_tokens": 2900}
     return {"grid": "mlm", "row": row, "key": f"{row}-{seed}", "config": {"seed": seed}, "metrics": metrics}
 
 
-GRID = 'name = "mlm"\nrecipe = "mlm"\ntitle = "T"\nseeds = [0, 1]\n[[rows]]\nlabel = "15%"\n[[rows]]\nlabel = "40%"\nmlm_probability = 0.4\n'
+GRID = ('name = "mlm"\nrecipe = "mlm"\ntitle = "T"\nseeds = [0, 1]\n'
+        '[[rows]]\nlabel = "15%"\n[[rows]]\nlabel = "40%"\nmlm_probability = 0.4\n')
 
 
 def test_table_pairs_seeds_against_the_first_row(tmp_path):
@@ -129,7 +134,8 @@ def test_reproduce_and_table_commands_for_mlm(tmp_path, monkeypatch, capsys):
     args = ["--grid-file", str(path), "--work-dir", str(tmp_path / "w"), "--tables-dir", str(tmp_path / "t")]
     assert main(["reproduce", "mlm", *args, "--no-progress", "--set", "steps=7"]) == 0
     assert len(calls) == 4 and all(c.steps == 7 for c in calls)  # 2 rows x 2 seeds
-    assert main(["reproduce", "mlm", *args, "--no-progress", "--set", "steps=7"]) == 0 and len(calls) == 4  # finished cells stay
+    assert main(["reproduce", "mlm", *args, "--no-progress", "--set", "steps=7"]) == 0
+    assert len(calls) == 4  # finished cells stay
     text = (tmp_path / "t" / "mlm@steps=7.md").read_text()  # overridden runs: the table's name says so
     assert not (tmp_path / "t" / "mlm.md").exists()
     assert "| 15% | 32.00 | 6.35 | 3.000 | 0.000 | +0.00 | 0.00 | 2 | 0.150 | 0.200 | 60 |" in text
@@ -162,6 +168,7 @@ def test_golden_losses_of_a_few_real_mlm_steps(tmp_path):
 
     golden = json.loads((pathlib.Path(__file__).parent / "golden" / "mlm_losses.json").read_text())
     values = losses(tmp_path)
-    torch.testing.assert_close(torch.tensor(values["train_loss"]), torch.tensor(golden["train_loss"]), atol=3e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(values["train_loss"]), torch.tensor(golden["train_loss"]),
+                               atol=3e-4, rtol=0)
     for name in ("heldout_loss_before", "heldout_loss"):
         assert values[name] == pytest.approx(golden[name], abs=3e-4), name

@@ -84,7 +84,8 @@ import os, pathlib, time
 from learnmask.recipe import registry
 
 registry.register_recipe(registry.Recipe("fake", "learnmask.recipe.config:RunConfig", "fake_recipe:fit",
-                                         "learnmask.recipe.table:write_tables", "learnmask.recipe.figures:plot_trajectories"))
+                                         "learnmask.recipe.table:write_tables",
+                                         "learnmask.recipe.figures:plot_trajectories"))
 
 
 def fit(cfg, run_dir, *, cache_dir, progress=None, record=None):
@@ -118,8 +119,9 @@ FAKE_GRID = 'name = "g"\nrecipe = "fake"\nseeds = [0, 1, 2]\n[[rows]]\nlabel = "
 def start_driver(tmp_path, name, **env):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
                    "FAKE_LOG": str(tmp_path / "trained.log"), **env}
-    return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "g.toml"), str(tmp_path / "work"),
-                             str(tmp_path / f"go-{name}"), name], env=environment, cwd=tmp_path)
+    command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "g.toml"), str(tmp_path / "work"),
+               str(tmp_path / f"go-{name}"), name]
+    return subprocess.Popen(command, env=environment, cwd=tmp_path)
 
 
 def wait_for(path, process, seconds=120):
@@ -231,7 +233,8 @@ def test_a_full_disk_keeps_the_checkpoint_and_the_rerun_records_without_training
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "checkpoint stays in" in err
-    dense = RunConfig.from_dict({"method": "dense", "epochs": 1, "batch_size": 16, "freeze": [], "lr": 1e-3, "test_size": 64})
+    dense = RunConfig.from_dict({"method": "dense", "epochs": 1, "batch_size": 16, "freeze": [], "lr": 1e-3,
+                                 "test_size": 64})
     assert (tmp_path / "w" / f"run-{dense.key()}" / "checkpoint.pt").exists()
     monkeypatch.undo()
     monkeypatch.setattr(recipe, "_load", tiny_load)
@@ -253,7 +256,8 @@ def test_a_killed_checkpoint_write_leaves_no_temporary_file_on_the_next_run(tiny
     run = tmp_path / "run"
     run.mkdir()
     script = ("import os, signal, pathlib\nfrom learnmask.io import _atomic_replace\n"
-              "def write(handle):\n    handle.write(b'x' * 1000000); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+              "def write(handle):\n"
+              "    handle.write(b'x' * 1000000); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
               f"_atomic_replace(pathlib.Path({str(run / 'checkpoint.pt')!r}), write)\n")
     killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL
@@ -304,7 +308,8 @@ def test_a_results_line_of_the_wrong_schema_is_a_clear_error(tmp_path, capsys, l
 def test_a_folder_passed_as_results_is_a_clear_error(tmp_path, capsys):
     assert main(["table", "heads", "--results", str(tmp_path), "--tables-dir", str(tmp_path / "t")]) == 2
     assert f"{tmp_path} is a folder; expected a JSON-lines file" in capsys.readouterr().err
-    assert main(["reproduce", "heads", "--results", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--no-progress"]) == 2
+    args = ["reproduce", "heads", "--results", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    assert main(args) == 2
     assert f"results file {tmp_path} is a folder" in capsys.readouterr().err
 
 
@@ -359,7 +364,8 @@ def test_tables_of_overridden_runs_go_elsewhere_and_titles_state_the_real_number
     assert main(["reproduce", "--grid-file", str(grid), "--no-progress"]) == 0
     assert "# T (64 held out)" in (tmp_path / "paper" / "tables" / "g.md").read_text()
     paper = (tmp_path / "paper" / "tables" / "g.md").read_bytes()
-    assert main(["reproduce", "--grid-file", str(grid), "--no-progress", "--set", "test_size=50", "--set", "epochs=2"]) == 0
+    smoke_args = ["reproduce", "--grid-file", str(grid), "--no-progress", "--set", "test_size=50", "--set", "epochs=2"]
+    assert main(smoke_args) == 0
     assert (tmp_path / "paper" / "tables" / "g.md").read_bytes() == paper  # the paper's table is untouched
     smoke = tmp_path / "runs" / "g" / "tables" / "g@epochs=2,test_size=50.md"
     text = smoke.read_text()

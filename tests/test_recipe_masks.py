@@ -33,13 +33,16 @@ def test_heads_and_ffn_to_a_parameter_target_are_finalized_and_timed(tiny, tmp_p
     assert metrics["parameters"] == metrics["finalized_parameters"] < metrics["parameters_dense"]
     assert metrics["finalized_accuracy"] == metrics["accuracy"]
     assert metrics["finalize_max_logit_diff"] < 1e-4
-    assert metrics["speedup"] > 0 and metrics["throughput"]["batch_size"] == 32 and metrics["throughput"]["threads"] == 2
+    assert metrics["speedup"] > 0
+    assert metrics["throughput"]["batch_size"] == 32 and metrics["throughput"]["threads"] == 2
     assert metrics["epochs"] == 3
 
 
-@pytest.mark.parametrize("masks, kept", [({"units": ["ffn"], "gate": "random"}, {"ffn": 64}),
-                                         ({"units": ["heads"], "gate": "gumbel_sigmoid", "controller": "pi"}, {"heads": 4}),
-                                         ({"units": ["heads", "ffn"], "gate": "importance"}, {"heads": 4, "ffn": 64})])
+@pytest.mark.parametrize("masks, kept", [
+    ({"units": ["ffn"], "gate": "random"}, {"ffn": 64}),
+    ({"units": ["heads"], "gate": "gumbel_sigmoid", "controller": "pi"}, {"heads": 4}),
+    ({"units": ["heads", "ffn"], "gate": "importance"}, {"heads": 4, "ffn": 64}),
+])
 def test_other_gate_kinds_and_units_are_grid_rows(tiny, tmp_path, masks, kept):
     cfg = config(method="gates", target_sparsity=0.5, epochs=1, masks=masks, importance_epochs=1)
     metrics = recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
@@ -83,11 +86,12 @@ def test_masks_belong_to_method_gates_and_the_controller_is_said_once():
 def test_a_finalized_model_that_predicts_otherwise_or_has_another_size_is_an_error():
     data = recipe.EncodedTexts([[1, 2]] * 3, [0, 1, 1])
     gated = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0 + 5e-5]])  # the last example is a tie
-    assert measure.check_finalized(gated, gated + 1e-6, data, parameters=5, finalized_parameters=5)["finalized_accuracy"] == 1.0
+    close = measure.check_finalized(gated, gated + 1e-6, data, parameters=5, finalized_parameters=5)
+    assert close["finalized_accuracy"] == 1.0
     tie_broken = gated.clone()
     tie_broken[2] = torch.tensor([1.0 + 5e-5, 1.0])  # a tie may break the other way: recorded, not an error
-    assert measure.check_finalized(gated, tie_broken, data, parameters=5, finalized_parameters=5)["finalized_accuracy"] \
-        == pytest.approx(2 / 3)
+    broken = measure.check_finalized(gated, tie_broken, data, parameters=5, finalized_parameters=5)
+    assert broken["finalized_accuracy"] == pytest.approx(2 / 3)
     flipped = gated.clone()
     flipped[0] = torch.tensor([0.0, 2.0])
     with pytest.raises(measure.FinalizeMismatch, match="predicts 1 held-out examples differently"):
@@ -113,8 +117,8 @@ def test_throughput_is_the_median_of_interleaved_passes_on_two_threads(monkeypat
     clock = iter(range(1000))
     monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
     data = recipe.EncodedTexts([[1, 2, 3]] * 300, [0] * 300)
-    speed = measure.measure_throughput({"a": (Model("a"), contextlib.nullcontext), "b": (Model("b"), contextlib.nullcontext)},
-                                       data, 0)
+    models = {"a": (Model("a"), contextlib.nullcontext), "b": (Model("b"), contextlib.nullcontext)}
+    speed = measure.measure_throughput(models, data, 0)
     assert order == ["a", "b"] * 6  # a warm-up pass, then 5 timed passes, alternating
     assert set(threads) == {2} and torch.get_num_threads() == before
     assert speed == {"a": 128.0, "b": 128.0}  # 128 examples (4 batches of 32) per pass of 1 clock tick

@@ -32,7 +32,8 @@ class interrupt_after:
 @pytest.mark.parametrize("method, controller", [("dense", "lagrangian"), ("hard_concrete", "lagrangian"),
                                                 ("hard_concrete", "pi"), ("topk", "lagrangian")])
 def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method, controller):
-    cfg = config(method=method, target_sparsity=0.0 if method == "dense" else 0.5, controller=controller, gate_phase=0.9)
+    cfg = config(method=method, target_sparsity=0.0 if method == "dense" else 0.5, controller=controller,
+                 gate_phase=0.9)
     straight = recipe.fit(cfg, tmp_path / "a", cache_dir=tmp_path / "cache")
     with pytest.raises(Interrupt):  # 6 steps per epoch: dies mid-way through epoch 2
         recipe.fit(cfg, tmp_path / "b", cache_dir=tmp_path / "cache", progress=interrupt_after(9))
@@ -47,7 +48,8 @@ def test_interrupted_run_resumes_to_identical_result(tiny, tmp_path, method, con
     assert not (tmp_path / "b" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint
 
 
-@pytest.mark.parametrize("method, target, kept", [("hard_concrete", 0.5, 4), ("topk", 0.75, 2), ("random", 0.5, 4), ("importance", 0.75, 2)])
+@pytest.mark.parametrize("method, target, kept",
+                         [("hard_concrete", 0.5, 4), ("topk", 0.75, 2), ("random", 0.5, 4), ("importance", 0.75, 2)])
 def test_eval_keeps_exactly_the_target_number_of_heads(tiny, tmp_path, method, target, kept):
     metrics = recipe.fit(config(method=method, target_sparsity=target), tmp_path / method, cache_dir=tmp_path / "cache")
     assert metrics["heads_kept"] == kept and metrics["heads_total"] == 8
@@ -66,7 +68,8 @@ def test_dense_learns_the_toy_task(tiny, tmp_path):
 
 
 def test_hard_concrete_expected_sparsity_follows_the_target(tiny, tmp_path):
-    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=20, gate_phase=1.0, gate_lr=0.1, controller_lr=0.05)
+    cfg = config(method="hard_concrete", target_sparsity=0.5, epochs=20, gate_phase=1.0, gate_lr=0.1,
+                 controller_lr=0.05)
     metrics = recipe.fit(cfg, tmp_path / "hc", cache_dir=tmp_path / "cache")
     assert metrics["controller_target"] == 0.5
     assert abs(metrics["controller_sparsity"] - 0.5) < 0.1
@@ -107,7 +110,8 @@ def test_every_controller_moves_the_expected_sparsity(tiny, tmp_path, monkeypatc
                  controller="lagrangian" if controller == "does-nothing" else controller)
     metrics = recipe.fit(cfg, tmp_path / controller, cache_dir=tmp_path / "cache")
     assert metrics["heads_kept"] == 4
-    assert len({"control_final_error", "control_overshoot", "control_tail_max_error", "control_settled"} - set(metrics)) == 0
+    control = {"control_final_error", "control_overshoot", "control_tail_max_error", "control_settled"}
+    assert len(control - set(metrics)) == 0
     final = metrics["trajectory"]["sparsity"][-1]  # expected head sparsity at the last step (96 points: every = 1)
     assert metrics["control_final_error"] == pytest.approx(abs(final - 0.5), abs=1e-4)
     if controller == "does-nothing":
@@ -178,7 +182,8 @@ def test_a_run_with_too_many_non_finite_losses_is_a_failure_not_a_result(tiny, t
     model = recipe.prepare(cfg, tmp_path).model
     nan_on(monkeypatch, model, nan_steps)
     recorded = []
-    with pytest.raises(TrainingDiverged, match=r"3 of \d+ steps so far had a non-finite loss .* at most 10% of its 24 steps \(2\)"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"3 of \d+ steps so far had a non-finite loss .* at most 10% of its 24 steps \(2\)"):
         recipe.fit(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", record=recorded.append)
     assert recorded == []
 

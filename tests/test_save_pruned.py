@@ -34,7 +34,8 @@ def _round_trip(plain, folder, monkeypatch, **kwargs):
 
 
 def _same_structure(a: nn.Module, b: nn.Module) -> None:
-    assert [(n, type(m).__name__) for n, m in a.named_modules()] == [(n, type(m).__name__) for n, m in b.named_modules()]
+    modules_a = [(n, type(m).__name__) for n, m in a.named_modules()]
+    assert modules_a == [(n, type(m).__name__) for n, m in b.named_modules()]
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
@@ -98,7 +99,9 @@ def test_single_encoder_layer_with_gelu_and_norm_first(tmp_path, monkeypatch):
     layer = nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, activation="gelu", norm_first=True,
                                        batch_first=True).eval()
     handle = apply_masks(layer, heads=True, ffn=True, gates={
-        "heads": FixedGate(torch.tensor([[1.0, 0.0, 0.0, 1.0]])), "ffn": FixedGate((torch.arange(48) % 2).float()[None])})
+        "heads": FixedGate(torch.tensor([[1.0, 0.0, 0.0, 1.0]])),
+        "ffn": FixedGate((torch.arange(48) % 2).float()[None]),
+    })
     plain, x = finalize(handle), torch.randn(2, 5, 32)
     loaded = _round_trip(plain, tmp_path, monkeypatch)
     with torch.no_grad():
@@ -234,7 +237,8 @@ def test_a_folder_that_is_not_a_saved_pruned_model(tmp_path):
     (lambda d: d.update(format="something"), r"pruning.json: the top level has format 'something'"),
     (lambda d: d.update(extra=1), r"pruning.json: the top level has missing keys \[\] / unknown keys \['extra'\]"),
     (lambda d: d["layers"][1]["attention"].update(kept=[3, 1]), r"layers\[1\].attention.kept must be increasing"),
-    (lambda d: d["layers"][1]["ffn"].update(kept=[64]), r"layers\[1\].ffn.kept must be increasing indices in \[0, 64\)"),
+    (lambda d: d["layers"][1]["ffn"].update(kept=[64]),
+     r"layers\[1\].ffn.kept must be increasing indices in \[0, 64\)"),
     (lambda d: d["layers"][0].update(name="bert.encoder.layer.9"), r"records the layers \['bert.encoder.layer.9'"),
     (lambda d: d["layers"][0]["ffn"].update(units=65), r"layer.0's ffn has 64 units in the rebuilt model, 65"),
     (lambda d: d["architecture"].update({"class": "AutoConfig"}), r"names 'AutoConfig', which is not a model class"),

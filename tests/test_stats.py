@@ -49,7 +49,8 @@ def test_expected_parameters_are_differentiable_and_exact_at_the_corners():
     assert handle.parameters_for({}) == dense
     bert = zoo.make("bert")
     h = apply_masks(bert, heads=True, ffn=True, gate="fixed")
-    assert h.expected_parameter_sparsity().item() == 0 and h.expected_remaining_parameters().item() == h.dense_parameters()
+    assert h.expected_parameter_sparsity().item() == 0
+    assert h.expected_remaining_parameters().item() == h.dense_parameters()
     closed = {"heads": torch.zeros(2, 4), "ffn": torch.zeros(2, 64)}
     per_layer_removed = 4 * (4 * 32 * 8 + 3 * 8) + 64 * (2 * 32 + 1)  # BERT heads and FFN units
     assert h.parameters_for(closed) == h.dense_parameters() - 2 * per_layer_removed

@@ -15,8 +15,8 @@ CONFIG = MLMRunConfig(steps=3, batch_size=4, head_warmup_steps=2, eval_chunks=8,
 
 def losses(folder: pathlib.Path) -> dict:
     metrics = fit_mlm(CONFIG, folder / "run", cache_dir=folder / "cache")
-    return {"train_loss": metrics["mlm_probability_trajectory"]["loss"], "heldout_loss_before": metrics["heldout_loss_before"],
-            "heldout_loss": metrics["heldout_loss"]}
+    return {"train_loss": metrics["mlm_probability_trajectory"]["loss"],
+            "heldout_loss_before": metrics["heldout_loss_before"], "heldout_loss": metrics["heldout_loss"]}
 
 
 if __name__ == "__main__":
