@@ -249,3 +249,61 @@ def test_triton_backend_gradients_match_the_reference_under_the_interpreter():
     assert grads_tri["learnmask_gates.heads.log_alpha"].abs().sum() > 0
     for key in grads_ref:
         assert (grads_tri[key] - grads_ref[key]).abs().max().item() <= 1e-4, key
+
+
+def _hf_keep(mu, **kwargs):
+    """transformers' own boolean mask (B, 1, Q, K) for the same arguments (never skipped)."""
+    keep = mu.sdpa_mask(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    return keep.expand(kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
+
+
+@pytest.mark.parametrize("case", ["causal", "bidirectional", "sliding_window", "packed", "cache_offset"])
+def test_the_mask_function_gives_transformers_own_mask(case):
+    """Every mask transformers hands learnmask's mask function comes back as the same keep-mask:
+    structured where its parts are known (causal, sliding window), pair by pair otherwise."""
+    from transformers import masking_utils as mu
+
+    from learnmask.masks.attention import AttentionMask
+
+    batch, q_len, kv_len = 3, 7, 7
+    padding = torch.ones(batch, kv_len, dtype=torch.bool)
+    padding[1, 5:] = False
+    padding[2, 0] = False  # left padding too
+    offset = 0
+    function = {"causal": mu.causal_mask_function, "bidirectional": mu.bidirectional_mask_function,
+                "sliding_window": mu.sliding_window_causal_mask_function(3),
+                "packed": mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(
+                    torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * batch))),
+                "cache_offset": mu.causal_mask_function}[case]
+    if case == "cache_offset":  # 3 new queries after 4 cached keys
+        q_len, offset = 3, 4
+    arguments = dict(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=offset, kv_offset=0,
+                     mask_function=function, attention_mask=padding)
+    mask = hf_attention.mask_function(**arguments)
+    assert isinstance(mask, AttentionMask)
+    expected = _hf_keep(mu, **arguments)
+    assert torch.equal(mask.keep(batch, 1, q_len, kv_len), expected)
+    if case in ("causal", "sliding_window"):
+        assert mask.structure() is not None  # block-sparse backends can skip what it keeps out
+    if case == "sliding_window":
+        assert mask.structure().window == 3
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generation_with_a_kv_cache_equals_the_models_own_attention(name):
+    """Decoding with a cache shifts query positions (q_offset > 0): the causal mask must follow."""
+    model = zoo.make(name)
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(5, 100, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding, as for generation
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                   return_dict_in_generate=True)
+    with torch.no_grad():
+        own = model.generate(ids, **options)
+        apply_masks(model, heads=True, gates={"heads": FixedGate(torch.ones(zoo.LAYERS, zoo.HEADS))})
+        routed = model.generate(ids, **options)
+    assert model.config._attn_implementation == hf_attention.NAME
+    assert torch.equal(routed.sequences, own.sequences)
+    for a, b in zip(routed.logits, own.logits):
+        assert (a - b).abs().max().item() <= TOL

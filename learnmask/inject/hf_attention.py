@@ -258,7 +258,7 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     from transformers import masking_utils as mu
 
     offset = _nonzero(q_offset) or _nonzero(kv_offset)
-    mask = None if offset else _known(mask_function, mu)
+    mask = False if offset else _known(mask_function, mu)
     if mask is False:  # an unknown predicate, or positions shifted by a cache: exact, pair by pair
         inner = mask_function
 
