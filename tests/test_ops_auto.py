@@ -48,17 +48,22 @@ def test_sparse_window_with_gradients_goes_to_blocks():
 
 def test_cold_flex_is_not_chosen_and_warm_flex_is_ranked_by_its_estimate(monkeypatch):
     monkeypatch.setattr(cost_model, "_FLEX_WARM", set())
-    q, k, v = qkv(s=512, grad=False)
+    q, k, v = qkv(s=512, grad=False)  # float32, no gradient, no dropout, K % 16 == 0: flex takes it on CPU
     mask = am.sliding_window(64)
-    choice = choose_backend(q, k, v, mask=mask)
-    assert "flex" not in choice.refused or "compiler" in " ".join(choice.refused["flex"])
-    if "flex" in choice.estimates:
-        assert choice.estimates["flex"] > cost_model._FLEX_COMPILE_S  # cold: the compile time is counted
-        inputs = ops.prepare_inputs(q, k, v, mask=mask)
-        cost_model._FLEX_WARM.add(cost_model.flex_key(inputs))
-        warm = choose_backend(q, k, v, mask=mask)
-        assert warm.estimates["flex"] < cost_model._FLEX_COMPILE_S
-    assert choice.name != "flex"
+    assert ops.backend_reasons(q, k, v, mask=mask)["flex"] == []
+    cold = choose_backend(q, k, v, mask=mask)
+    assert "flex" in cold.ranking and cold.name != "flex"
+    assert cold.estimates["flex"] > cost_model._FLEX_COMPILE_S  # cold: the compile time is counted
+    assert cold.ranking[-1] == "flex"  # behind even the float64 reference
+    cost_model._FLEX_WARM.add(cost_model.flex_key(ops.prepare_inputs(q, k, v, mask=mask)))
+    warm = choose_backend(q, k, v, mask=mask)
+    assert warm.estimates["flex"] < cost_model._FLEX_COMPILE_S
+    assert warm.ranking == sorted(warm.ranking, key=warm.estimates.__getitem__)
+    assert warm.ranking.index("flex") < cold.ranking.index("flex")
+    # warm and (made) cheapest: chosen
+    monkeypatch.setattr(cost_model, "_R_FLEX", 1e15)
+    monkeypatch.setattr(cost_model, "_C_FLEX_CALL", 0.0)
+    assert choose_backend(q, k, v, mask=mask).name == "flex"
 
 
 def test_choice_is_deterministic_and_lists_every_accepting_backend():

@@ -29,8 +29,16 @@ measured with the torch profiler's CPU allocator events). Each goal is checked t
 
 Times are medians of ``--repeats`` wall-clock runs after a warm-up call (which includes compilation).
 
+Shared cores (``--busy``, issue 11): a second job, another process running 2-thread torch matmuls
+in a loop, runs beside the whole measurement; the dynamic-mask rows are skipped and the one goal is
+``auto`` >= 2x faster than dense-mask SDPA for the window and documents at the largest S, forward
+and forward+backward (checked on "best" too). Results go to ``bench-attention-busy.json``. Peak
+memory comes from the profiler, which records the calling thread only, so ``blocks`` runs inline
+while it measures (see :mod:`learnmask.ops.cpu_pool`); timed runs use its two lanes.
+
     python experiments/bench/attention.py          # the issue's grid (minutes; a quiet machine please)
     python experiments/bench/attention.py --quick  # S=384, 2 repeats: a smoke run
+    python experiments/bench/attention.py --busy --seq-lens 2048 --masks window,documents
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ import json
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -66,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps of the dynamic-mask comparison")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="S=384, 2 repeats, 3 dynamic steps")
+    parser.add_argument("--busy", action="store_true",
+                        help="a second 2-thread torch job runs beside the measurement (static masks only)")
     parser.add_argument("--output", default=None,
-                        help="JSON file (default: paper/results/bench-attention[-quick].json)")
+                        help="JSON file (default: paper/results/bench-attention[-busy][-quick].json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_lens, args.repeats, args.steps = "384", 2, 3
@@ -77,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown masks {sorted(unknown)}; choose from {MASKS}")
     if args.output is None:
-        args.output = ROOT / "paper" / "results" / f"bench-attention{'-quick' if args.quick else ''}.json"
+        suffix = ("-busy" if args.busy else "") + ("-quick" if args.quick else "")
+        args.output = ROOT / "paper" / "results" / f"bench-attention{suffix}.json"
     return args
 
 
@@ -115,6 +128,14 @@ def timed(fn, repeats: int) -> dict:
     median = statistics.median(times)
     return {"s": median, "cpu_s": statistics.median(cpu), "first_call_s": first,
             "compile_s": max(0.0, first - median)}
+
+
+def busy_job(threads: int = 2) -> subprocess.Popen:
+    """A second torch job: ``threads``-thread 512x512 matmuls in a loop, in another process (the
+    caller kills it)."""
+    code = (f"import torch; torch.set_num_threads({threads}); a = torch.randn(512, 512)\n"
+            "while True: a = (a @ a).tanh()")
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def memory(fn) -> dict:
@@ -246,7 +267,8 @@ def dynamic_rows(kind: str, seq: int, args, gen) -> list[dict]:
     return rows
 
 
-def goals(static: list[dict], dynamic: list[dict], seq_max: int) -> list[dict]:
+def goals(static: list[dict], dynamic: list[dict], seq_max: int, busy: bool = False) -> list[dict]:
+    """PASS/MISS of the quiet goals, or with ``busy`` of the shared-cores goal (module docstring)."""
     out = []
 
     def add(name, row, value, ok):
@@ -255,9 +277,15 @@ def goals(static: list[dict], dynamic: list[dict], seq_max: int) -> list[dict]:
 
     for who, p in (("best", ""), ("auto", "auto_")):
         for row in static:
+            big_sparse = row["S"] == seq_max and row["mask"] in ("window", "documents")
+            if busy:
+                if big_sparse:
+                    add(f"[{who}] speedup vs sdpa_dense >= 2 with a second job busy (largest S)", row,
+                        row[f"{p}speedup_vs_sdpa_dense"], row[f"{p}speedup_vs_sdpa_dense"] >= 2.0)
+                continue
             ratio = 1.0 / row[f"{p}speedup_vs_sdpa_dense"]
             add(f"[{who}] time / time(sdpa_dense) <= 1.05", row, ratio, ratio <= 1.05)
-            if row["S"] == seq_max and row["mask"] in ("window", "documents"):
+            if big_sparse:
                 add(f"[{who}] speedup vs sdpa_dense >= 2 (largest S)", row, row[f"{p}speedup_vs_sdpa_dense"],
                     row[f"{p}speedup_vs_sdpa_dense"] >= 2.0)
             if row[f"{p}speed_vs_flex"] is not None:
@@ -315,16 +343,28 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     static, dynamic = [], []
-    for seq in args.seq_lens:
-        for kind in args.masks:
-            print(f"S={seq} {kind} ...", flush=True)
-            static += static_rows(kind, seq, args, gen)
-            dynamic += dynamic_rows(kind, seq, args, gen)
-    goal_rows = goals(static, dynamic, max(args.seq_lens))
+    second = busy_job() if args.busy else None
+    try:
+        if second is not None:
+            time.sleep(1.0)  # let it start
+        for seq in args.seq_lens:
+            for kind in args.masks:
+                print(f"S={seq} {kind} ...", flush=True)
+                static += static_rows(kind, seq, args, gen)
+                if second is None:
+                    dynamic += dynamic_rows(kind, seq, args, gen)
+    finally:
+        if second is not None:
+            second.kill()
+            second.wait()
+    goal_rows = goals(static, dynamic, max(args.seq_lens), busy=args.busy)
+    if args.busy:
+        print("\nwith a second job busy on the same cores (2-thread torch matmuls in another process)")
     print_tables(static, dynamic, goal_rows)
     results = {
         "config": {"B": B, "H": H, "D": D, "dtype": "float32", "seq_lens": args.seq_lens, "masks": args.masks,
                    "repeats": args.repeats, "steps": args.steps, "quick": args.quick,
+                   "busy": "a second process: 2-thread 512x512 torch matmuls in a loop" if args.busy else None,
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "static": static, "dynamic": dynamic, "goals": goal_rows,
