@@ -136,8 +136,8 @@ def check_goals(goals: list[dict[str, Any]], summaries: list[Summary]) -> list[s
 #: What the speed-up column measures (written under every table that has one).
 SPEED_NOTE = ("Parameters are counted in the finalized model (closed units physically removed; checked equal to the "
               "count the gates give and its held-out predictions to the gated model's). Speed-up: inference examples/s "
-              "of the finalized model over the dense model, batches of 32 held-out examples on 2 CPU threads, median "
-              "of 5 interleaved passes after a warm-up, measured in the run's own process (mean over seeds).")
+              "of the finalized model over the dense model, batches of 32 held-out examples on 2 CPU threads, fastest "
+              "of 7 interleaved passes after a warm-up, measured in the run's own process (mean over seeds).")
 
 
 def _speed(s: Summary) -> str:
