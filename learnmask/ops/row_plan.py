@@ -167,7 +167,7 @@ def _plan_rows(lo: Tensor, hi: Tensor, exact: Tensor, starts: Tensor, b0: int, b
             full = False
         if groups:
             g = groups[-1]
-            same_range = (g.k0, g.k1) == (k0, k1)
+            same_range = (g.k0, g.k1) == (k0, k1) and (not begins or k1 == 0)
             if same_range:  # the same keys (a document's chunks, or the next rows without keys)
                 groups[-1] = KVGroup(b0, b1, g.q0, q1, k0, k1, g.full and full)
                 needs[-1] += nd
