@@ -112,11 +112,11 @@ def test_the_plan_covers_each_row_once_and_cuts_at_document_starts(case, call_s,
         assert not rows[..., :g.k0].any() and not rows[..., g.k1:].any()
         assert not g.full or rows[..., g.k0:g.k1].all()
         if starts is not None and g.k1 > g.k0:
-            cut = starts.expand(batch, q_len)[g.b0:g.b1, g.q0 + 1:g.q1].any(0)
-            if cut.any():  # a group holding two documents holds them whole (a merge of whole documents)
-                s = starts.expand(batch, q_len)[g.b0:g.b1].any(0)
-                assert g.q0 == 0 or s[g.q0], g
-                assert g.q1 == q_len or s[g.q1], g
+            # the plan's cuts: a row's document starts, or those all rows share in a plan shared by the batch
+            cuts = starts.expand(batch, q_len)[g.b0:g.b1].all(0)
+            if cuts[g.q0 + 1:g.q1].any():  # a group holding two documents holds them whole (a merge)
+                assert g.q0 == 0 or cuts[g.q0], g
+                assert g.q1 == q_len or cuts[g.q1], g
     assert (covered == 1).all()
 
 
@@ -142,6 +142,19 @@ def test_documents_get_groups_of_their_own_reading_exactly_their_keys(causal):
                     assert all(g.k0 == d0 and g.k1 == g.q1 for g in inside)
     docs = [g for g in groups if not g.full]
     assert causal or all((g.q1 - g.q0) < 64 for g in docs)  # only small documents merged, partly masked
+
+
+def test_small_documents_are_merged_whole_into_few_calls():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [torch.randint(1, 13, (400,), generator=gen).cumsum(0) for _ in range(2)]
+    ids = torch.stack([torch.bucketize(torch.arange(2048), n, right=True) for n in lengths])
+    q = torch.zeros(2, 8, 2048, 64)
+    groups, _ = blocks.plan(prepare_inputs(q, q, q, mask=am.document(ids)), 64)
+    documents = int(ids[:, -1].sum()) + 2
+    assert len(groups) < documents / 8  # about 630 documents of 1..12 tokens: tens of calls, not one each
+    starts = document_starts(am.document(ids).structure(), 2048)
+    for g in groups:  # a group of one batch row holds whole documents (a plan shared by the rows may not)
+        assert g.b1 > g.b0 + 1 or ((g.q0 == 0 or starts[g.b0, g.q0]) and (g.q1 == 2048 or starts[g.b0, g.q1]))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["fused_backward", "recomputing_backward"])

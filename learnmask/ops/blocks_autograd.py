@@ -169,9 +169,11 @@ def _forward_run(run: Run, q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, t
     members = [run.member(i) for i in range(run.n)]
     keep = None
     if not g.full:
-        tiles = [tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1) for m in members]
-        if any(t is None or t.shape[0] != 1 or (b > 1 and t.shape[1] != 1) for t in tiles):
-            return False
+        tiles = []
+        for m in members:  # the first tile tells whether its mask can follow the merged (b·Hq) heads
+            tiles.append(tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1))
+            if tiles[-1] is None or tiles[-1].shape[0] != 1 or (b > 1 and tiles[-1].shape[1] != 1):
+                return False
         keep = torch.cat(tiles)  # (n, 1 | Hq, R, L)
     lg_run = None if lg is None else torch.cat([lg[m.b0:m.b1, None, None, m.k0:m.k1] for m in members])
     o, lse = cpu_flash.forward(*views[:3], cpu_flash.float_mask(keep, lg_run, q.dtype), scale)

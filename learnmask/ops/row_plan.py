@@ -31,7 +31,11 @@ __all__ = ["KVGroup", "keep_intervals", "plan_groups"]
 _CALL_S = 5e-4
 _MACS_PER_S = 2.5e10
 _SPLIT_GAIN = 0.8
-_MASKED = 1.25  # a partly-masked rectangle costs this much more per pair (its mask is built and read)
+# merging whole documents: a partly-masked rectangle costs this much more per pair than an unmasked one
+# (its mask is built and converted per call, forward and backward, and read by the kernel; measured on 2
+# cores: merges priced at 1.25 or 2 lost to no merge on the benchmark's documents at S = 256..1024, at 3
+# they tie with it, and on layouts of many small documents (1..12 tokens) they are 2-8x faster than it)
+_MASKED = 3.0
 _BIG = 2**40  # "no key" sentinel of a row's first key
 
 
@@ -99,7 +103,9 @@ def plan_groups(lo: Tensor, hi: Tensor, exact: Tensor, chunk: int = 32, slack: f
     if starts is None:
         starts = torch.zeros(1, q_len, dtype=torch.bool, device=lo.device)
     starts = starts.expand(batch, q_len)
-    plans = [_plan_rows(lo, hi, exact, starts.any(0), 0, batch, chunk, slack, work_per_pair)]
+    # a plan shared by the batch rows cuts only where every row starts a segment (their layouts differ:
+    # a cut of one row's would split the others' documents); per-row plans cut at each row's own
+    plans = [_plan_rows(lo, hi, exact, starts.all(0), 0, batch, chunk, slack, work_per_pair)]
     if batch > 1 and not bool((lo == lo[:1]).all() and (hi == hi[:1]).all() and (starts == starts[:1]).all()):
         plans.append([g for b in range(batch) for g in _plan_rows(lo[b:b + 1], hi[b:b + 1], exact[b:b + 1], starts[b],
                                                                   b, b + 1, chunk, slack, work_per_pair)])
@@ -110,9 +116,10 @@ def plan_groups(lo: Tensor, hi: Tensor, exact: Tensor, chunk: int = 32, slack: f
     return best if _cost(best, work_per_pair) < _SPLIT_GAIN * _cost(single, work_per_pair) else single
 
 
-def _cost(plan: list[KVGroup], work_per_pair: float) -> float:
-    """Seconds of a plan's calls: their pairs (partly masked ones dearer) and a fixed cost per call."""
-    pairs = sum(_pairs(g) * (1.0 if g.full else _MASKED) for g in plan)
+def _cost(plan: list[KVGroup], work_per_pair: float, masked: float = 1.0) -> float:
+    """Seconds of a plan's calls: their pairs (``masked`` times dearer in partly-masked groups) and a
+    fixed cost per call."""
+    pairs = sum(_pairs(g) * (1.0 if g.full else masked) for g in plan)
     return pairs * work_per_pair / _MACS_PER_S + _CALL_S * sum(g.k1 > g.k0 for g in plan)
 
 
@@ -196,7 +203,7 @@ def _merge_segments(groups: list[KVGroup], begins: list[bool], starts: Tensor, w
         if out and whole and last_whole:
             p = out[-1]
             merged = KVGroup(g.b0, g.b1, p.q0, g.q1, min(p.k0, g.k0), max(p.k1, g.k1), False)
-            if _cost([merged], work_per_pair) < _cost([p, g], work_per_pair):
+            if _cost([merged], work_per_pair, _MASKED) < _cost([p, g], work_per_pair, _MASKED):
                 out[-1] = merged
                 continue
         out.append(g)
