@@ -60,13 +60,20 @@ def calls(monkeypatch):
     return whole
 
 
+def _docs(b, s):
+    return am.document(torch.arange(s).div(8, rounding_mode="floor").expand(b, s))
+
+
+# (mask, inputs in a (B, S, H, D) layout, some run computed as one call)
 CASES = {
-    "window": (lambda b, s: am.sliding_window(6), False),
-    "equal_documents": (lambda b, s: am.document(torch.arange(s).div(8, rounding_mode="floor").expand(b, s)), False),
+    "window": (lambda b, s: am.sliding_window(6), False, True),
+    "equal_documents": (_docs, False, True),
+    # a plan shared by the rows with masks per row: no run of two rows can take them
+    "equal_documents&causal": (lambda b, s: _docs(b, s) & am.causal(), False, False),
     "equal_documents&causal&padding": (
-        lambda b, s: am.document(torch.arange(s).div(8, rounding_mode="floor").expand(b, s)) & am.causal()
-        & am.padding(torch.arange(s)[None] < torch.tensor([[s], [s - 5]])), False),
-    "window_transposed_layout": (lambda b, s: am.sliding_window(6), True),
+        lambda b, s: _docs(b, s) & am.causal() & am.padding(torch.arange(s)[None] < torch.tensor([[s], [s - 5]])),
+        False, True),
+    "window_transposed_layout": (lambda b, s: am.sliding_window(6), True, False),
 }
 
 
@@ -74,7 +81,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_three_way_with_runs(calls, case, dtype, gqa):
-    make, transposed = CASES[case]
+    make, transposed, whole = CASES[case]
     b, hq, hkv, s, d = 2, 4, 2 if gqa else 4, 48, 8
     gen = torch.Generator().manual_seed(len(case))
     q = torch.randn(b, s, hq, d, generator=gen, dtype=torch.float64).transpose(1, 2)
@@ -90,7 +97,7 @@ def test_three_way_with_runs(calls, case, dtype, gqa):
         leaves = [t.detach().transpose(1, 2).to(dtype).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
     out = masked_attention(*leaves, mask=mask, backend=BlocksBackend(block_q=4))
     grads = torch.autograd.grad((out.double() * w).sum(), leaves)
-    assert transposed == (not calls), "runs computed as one call exactly where the views allow"
+    assert whole == bool(calls), "runs computed as one call exactly where the views and masks allow"
     check_three_way(golden_out, ref_out, out.double(), dtype, "out", "blocks runs")
     for name, g0, g1, g2 in zip("qkv", golden_grads, ref_grads, grads):
         check_three_way(g0, g1, g2.double(), dtype, f"d{name}", "blocks runs")

@@ -120,6 +120,11 @@ def plan(inputs: AttentionInputs, block_q: int) -> tuple[list[KVGroup], TileFn]:
             keep = rows(q0, q1, k0, k1)
             return keep if keep.shape[0] == 1 else keep[b0:b1]
 
+    # every mask tile has batch and head dims 1 (what a run of pieces over several batch rows needs)
+    tile.shared = (structure.batch == 1) if structure is not None else (
+        inputs.mask.shape[0] == 1 and inputs.mask.shape[1] == 1 if isinstance(inputs.mask, Tensor)
+        else not (inputs.mask.per_batch or inputs.mask.per_head))
+
     def groups():
         lo_, hi_, exact_ = (t.expand(batch, q_len) for t in intervals())
         return plan_groups(lo_, hi_, exact_, chunk=block_q, work_per_pair=work, starts=cuts())

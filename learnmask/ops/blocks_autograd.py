@@ -36,7 +36,8 @@ from learnmask.ops.sdpa import sdpa_with_mask
 
 __all__ = ["BlockAttention", "TileFn", "schedule", "compute_dtype"]
 
-# tile(b0, b1, q0, q1, k0, k1) -> bool keep-mask (b1-b0 | 1, Hq | 1, q1-q0 | 1, k1-k0), or None (all kept)
+# tile(b0, b1, q0, q1, k0, k1) -> bool keep-mask (b1-b0 | 1, Hq | 1, q1-q0 | 1, k1-k0), or None (all kept);
+# a ``shared`` attribute, when True, says every mask it gives has batch and head dims 1
 TileFn = Callable[[int, int, int, int, int, int], "Tensor | None"]
 
 _PIECES_PER_WORKER = 4  # no call holds more than this fraction of a run's share of the work
@@ -158,22 +159,20 @@ def _forward_run(run: Run, q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, t
     """A run's pieces as one fused forward call over strided views (:mod:`learnmask.ops.block_runs`):
     writes their rows of ``out`` and each piece's log-sum-exp (a view of the run's), which the
     backward takes piece by piece. False (nothing done) when the run cannot be one call: batch rows
-    that do not merge with heads in q, k, v or out, or per-batch-row masks or a gate over several
-    batch rows (their masks would need a copy per head)."""
+    that do not merge with heads in q, k, v or out, or masks not known to be shared by the batch rows
+    and heads (``tile.shared``) or a gate over several batch rows (they would need a copy per head)."""
     g = run.first
     rows, keys, b = g.q1 - g.q0, g.k1 - g.k0, g.b1 - g.b0
     views = (view(q, run, g.q0, run.q_step, rows), view(k, run, g.k0, run.k_step, keys),
              view(v, run, g.k0, run.k_step, keys), view(out, run, g.q0, run.q_step, rows))
-    if any(x is None for x in views) or (lg is not None and b > 1):
+    if any(x is None for x in views) or (b > 1 and (lg is not None or not (g.full or getattr(tile, "shared", False)))):
         return False
     members = [run.member(i) for i in range(run.n)]
     keep = None
     if not g.full:
-        tiles = []
-        for m in members:  # the first tile tells whether its mask can follow the merged (b·Hq) heads
-            tiles.append(tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1))
-            if tiles[-1] is None or tiles[-1].shape[0] != 1 or (b > 1 and tiles[-1].shape[1] != 1):
-                return False
+        tiles = [tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1) for m in members]
+        if any(t is None for t in tiles):
+            return False
         keep = torch.cat(tiles)  # (n, 1 | Hq, R, L)
     lg_run = None if lg is None else torch.cat([lg[m.b0:m.b1, None, None, m.k0:m.k1] for m in members])
     o, lse = cpu_flash.forward(*views[:3], cpu_flash.float_mask(keep, lg_run, q.dtype), scale)
