@@ -173,7 +173,8 @@ def _forward_run(run: Run, q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, t
         tiles = [tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1) for m in members]
         if any(t is None for t in tiles):
             return False
-        keep = torch.cat(tiles)  # (n, 1 | Hq, R, L)
+        same = all(t.shape == tiles[0].shape and torch.equal(t, tiles[0]) for t in tiles[1:])
+        keep = tiles[0] if same else torch.cat(tiles)  # (1 | n, 1 | Hq, R, L): a window's band has one mask
     lg_run = None if lg is None else torch.cat([lg[m.b0:m.b1, None, None, m.k0:m.k1] for m in members])
     o, lse = cpu_flash.forward(*views[:3], cpu_flash.float_mask(keep, lg_run, q.dtype), scale)
     views[3].copy_(o)
