@@ -163,9 +163,11 @@ def _forward_run(run: Run, q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, t
     and heads (``tile.shared``) or a gate over several batch rows (they would need a copy per head)."""
     g = run.first
     rows, keys, b = g.q1 - g.q0, g.k1 - g.k0, g.b1 - g.b0
+    if b > 1 and (lg is not None or not (g.full or getattr(tile, "shared", False))):
+        return False
     views = (view(q, run, g.q0, run.q_step, rows), view(k, run, g.k0, run.k_step, keys),
              view(v, run, g.k0, run.k_step, keys), view(out, run, g.q0, run.q_step, rows))
-    if any(x is None for x in views) or (b > 1 and (lg is not None or not (g.full or getattr(tile, "shared", False)))):
+    if any(x is None for x in views):
         return False
     members = [run.member(i) for i in range(run.n)]
     keep = None
