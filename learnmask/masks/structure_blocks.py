@@ -9,6 +9,7 @@ derived from its two semantic methods (``position_bounds`` and the key condition
   What a FlexAttention ``BlockMask`` is built from.
 * :func:`key_spans`: the key conditions alone (documents, padding) as spans per query and per key,
   the tables the Triton kernel reads (it evaluates the position conditions itself).
+* :func:`document_starts`: the queries that begin a packed document, where a plan cuts its groups.
 
 Key conditions are evaluated through a sorted index of the keys each (batch row, document) keeps,
 so counting the kept keys of any row in any key range is two binary searches: the work is
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from learnmask.masks.structure import MaskStructure
 
-__all__ = ["row_intervals", "block_states", "key_spans"]
+__all__ = ["row_intervals", "block_states", "key_spans", "document_starts"]
 
 _TILE_ROWS_PER_STEP = 1 << 21  # candidate tiles are refined in steps of at most this many (tile, row) pairs
 
@@ -164,6 +165,22 @@ def key_spans(s: MaskStructure, q_len: int, kv_len: int, device: torch.device | 
         real = _full(s.key_padding.to(torch.bool), batch, device)
         c_lo, c_hi, c_exact = torch.where(real, c_lo, 0), torch.where(real, c_hi, 0), c_exact | ~real
     return rows, (c_lo, c_hi, c_exact)
+
+
+def document_starts(s: MaskStructure, q_len: int, device: torch.device | str | None = None) -> Tensor | None:
+    """The queries that begin a packed document: bool (B, Q), True where a query's document id differs
+    from the previous query's. None when the structure has no documents, or when in some batch row a
+    document is not one contiguous run of queries (ids in any order, e.g. ``[2, 2, 0, 1, 1]``, are
+    runs; ``[0, 1, 0]`` is not): cutting a plan at every change of id would then cut documents apart.
+    """
+    if s.q_document_ids is None or q_len == 0:
+        return None
+    ids = s.q_document_ids.to(device if device is not None else s.device)
+    change = ids[:, 1:] != ids[:, :-1]
+    distinct = (ids.sort(-1).values.diff(dim=-1) != 0).sum(-1)
+    if not bool((change.sum(-1) == distinct).all()):
+        return None
+    return torch.nn.functional.pad(change, (1, 0), value=False)
 
 
 def _blocks(x: Tensor, block: int, fill) -> Tensor:

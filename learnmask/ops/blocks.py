@@ -3,10 +3,12 @@ queries never keeps, with a memory-lean backward. Runs on any device; the fast p
 CPU, where FlexAttention has no backward.
 
 Plan (:mod:`learnmask.ops.row_plan`): each query row keeps an interval of keys, derived from the
-:class:`~learnmask.masks.structure.MaskStructure` in O(B·(Q + K)·log K) — or from the mask evaluated ``block_q`` rows at a time for
-user predicates and dense tensors. Rows are grouped so that each group reads one contiguous key
-range with little waste: one group per packed document, a band for a sliding window, a staircase
-for causal masks, one range of real keys for padding (per batch row when that is cheaper).
+:class:`~learnmask.masks.structure.MaskStructure` in O(B·(Q + K)·log K) — or from the mask
+evaluated ``block_q`` rows at a time for user predicates and dense tensors. Rows are grouped so
+that each group reads one contiguous key range with little waste: the plan is cut at document
+starts, so a packed document is one unmasked group reading exactly its keys (a staircase of its own
+when causal; small neighbours merged whole when one call is cheaper), a band for a sliding window,
+a staircase for causal masks, one range of real keys for padding (per batch row when that is cheaper).
 
 Forward: one fused attention call per group on the gathered keys, with a small keep-mask only where
 the rectangle is partly masked. Backward: PyTorch's fused CPU flash backward per group, or (a gate
@@ -27,12 +29,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from learnmask.masks.structure import MaskStructure
+from learnmask.masks.structure_blocks import document_starts, row_intervals
 from learnmask.ops.base import AttentionInputs
 from learnmask.ops.blocks_autograd import BlockAttention, TileFn, compute_dtype
-from learnmask.masks.structure import MaskStructure
-from learnmask.masks.structure_blocks import row_intervals
-from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups
 from learnmask.ops.common import apply_head_gate, empty_attention, is_empty, log_gate
+from learnmask.ops.row_plan import KVGroup, keep_intervals, plan_groups
 from learnmask.ops.sdpa import is_pure_causal, sdpa_with_mask
 
 __all__ = ["BlocksBackend", "plan"]
@@ -99,6 +101,9 @@ def plan(inputs: AttentionInputs, block_q: int) -> tuple[list[KVGroup], TileFn]:
         def intervals():
             return row_intervals(structure, q_len, kv_len, device)
 
+        def cuts():
+            return document_starts(structure, q_len, device)
+
         def tile(b0, b1, q0, q1, k0, k1):
             keep = structure.tile(q0, q1, k0, k1, device)
             return keep if keep is None or keep.shape[0] == 1 else keep[b0:b1]
@@ -108,13 +113,21 @@ def plan(inputs: AttentionInputs, block_q: int) -> tuple[list[KVGroup], TileFn]:
         def intervals():
             return keep_intervals(lambda q0, q1: rows(q0, q1, 0, kv_len), batch, q_len, kv_len, block_q)
 
+        def cuts():
+            return None
+
         def tile(b0, b1, q0, q1, k0, k1):
             keep = rows(q0, q1, k0, k1)
             return keep if keep.shape[0] == 1 else keep[b0:b1]
 
+    # every mask tile has batch and head dims 1 (what a run of pieces over several batch rows needs)
+    tile.shared = (structure.batch == 1) if structure is not None else (
+        inputs.mask.shape[0] == 1 and inputs.mask.shape[1] == 1 if isinstance(inputs.mask, Tensor)
+        else not (inputs.mask.per_batch or inputs.mask.per_head))
+
     def groups():
         lo_, hi_, exact_ = (t.expand(batch, q_len) for t in intervals())
-        return plan_groups(lo_, hi_, exact_, chunk=block_q, work_per_pair=work)
+        return plan_groups(lo_, hi_, exact_, chunk=block_q, work_per_pair=work, starts=cuts())
 
     if inputs.mask is None or isinstance(inputs.mask, Tensor):
         return groups(), tile

@@ -6,7 +6,10 @@ recomputed ``backward_rows`` rows at a time (in float32 for fp16/bf16) and dQ, d
 accumulated, saving only q, k, v, the output and the log gate, never a (B, H, Q, K) tensor
 (FlashAttention-style recomputation; Dao et al., 2022).
 
-On CPU the calls are cut into two runs of consecutive calls of about equal work (groups holding
+On CPU the forward computes each run of pieces of equal shape at fixed steps (a window's band, equal
+documents) as one call over strided views (:mod:`learnmask.ops.block_runs`); the backward goes piece
+by piece (one backward call over a run was measured slower: its key gradients leave the cache).
+The calls are cut into two runs of consecutive calls of about equal work (groups holding
 more than an eighth of the work are first cut by query rows, :func:`schedule`), and the runs go to
 the two lanes of :mod:`learnmask.ops.cpu_pool` (which says why, and when they stay inline). Output
 and dQ rows of different calls never overlap; key gradients go to one accumulator per run, over the
@@ -27,12 +30,14 @@ from einops import rearrange
 from torch import Tensor
 
 from learnmask.ops import cpu_flash, cpu_pool
+from learnmask.ops.block_runs import Run, runs, view
 from learnmask.ops.row_plan import KVGroup
 from learnmask.ops.sdpa import sdpa_with_mask
 
 __all__ = ["BlockAttention", "TileFn", "schedule", "compute_dtype"]
 
-# tile(b0, b1, q0, q1, k0, k1) -> bool keep-mask (b1-b0 | 1, Hq | 1, q1-q0 | 1, k1-k0), or None (all kept)
+# tile(b0, b1, q0, q1, k0, k1) -> bool keep-mask (b1-b0 | 1, Hq | 1, q1-q0 | 1, k1-k0), or None (all kept);
+# a ``shared`` attribute, when True, says every mask it gives has batch and head dims 1
 TileFn = Callable[[int, int, int, int, int, int], "Tensor | None"]
 
 _PIECES_PER_WORKER = 4  # no call holds more than this fraction of a run's share of the work
@@ -115,16 +120,19 @@ class BlockAttention(torch.autograd.Function):
         lses: list[Tensor | None] = [None] * len(pieces)
 
         def forward_part(part: list[int]) -> None:
-            for i in part:
-                g = pieces[i]
-                keep = None if g.full else tile(g.b0, g.b1, g.q0, g.q1, g.k0, g.k1)
-                lg_g = None if lg is None else lg[g.b0:g.b1, None, None, g.k0:g.k1]
-                qg, kg, vg = q[g.b0:g.b1, :, g.q0:g.q1], k[g.b0:g.b1, :, g.k0:g.k1], v[g.b0:g.b1, :, g.k0:g.k1]
-                if fused:
-                    o, lses[i] = cpu_flash.forward(qg, kg, vg, cpu_flash.float_mask(keep, lg_g, q.dtype), scale)
-                else:
-                    o = sdpa_with_mask(qg, kg, vg, keep, lg_g, scale)
-                out[g.b0:g.b1, :, g.q0:g.q1].copy_(o)
+            for run in runs(pieces, part):
+                if fused and run.n > 1 and _forward_run(run, q, k, v, lg, tile, scale, out, lses):
+                    continue
+                for i in run.indices:
+                    g = pieces[i]
+                    keep = None if g.full else tile(g.b0, g.b1, g.q0, g.q1, g.k0, g.k1)
+                    lg_g = None if lg is None else lg[g.b0:g.b1, None, None, g.k0:g.k1]
+                    qg, kg, vg = q[g.b0:g.b1, :, g.q0:g.q1], k[g.b0:g.b1, :, g.k0:g.k1], v[g.b0:g.b1, :, g.k0:g.k1]
+                    if fused:
+                        o, lses[i] = cpu_flash.forward(qg, kg, vg, cpu_flash.float_mask(keep, lg_g, q.dtype), scale)
+                    else:
+                        o = sdpa_with_mask(qg, kg, vg, keep, lg_g, scale)
+                    out[g.b0:g.b1, :, g.q0:g.q1].copy_(o)
 
         cpu_pool.run([partial(forward_part, part) for part in parts], in_lanes)
         ctx.save_for_backward(q, k, v, lg, out)
@@ -144,6 +152,37 @@ class BlockAttention(torch.autograd.Function):
         dq, dk, dv, dlg = _recomputed_backward(q, k, v, lg, out, d_out, pieces, parts, tile, scale, step, want_dlg,
                                                  in_lanes)
         return dq, dk, dv, dlg, None, None, None, None
+
+
+def _forward_run(run: Run, q: Tensor, k: Tensor, v: Tensor, lg: Tensor | None, tile: TileFn, scale: float,
+                 out: Tensor, lses: list[Tensor | None]) -> bool:
+    """A run's pieces as one fused forward call over strided views (:mod:`learnmask.ops.block_runs`):
+    writes their rows of ``out`` and each piece's log-sum-exp (a view of the run's), which the
+    backward takes piece by piece. False (nothing done) when the run cannot be one call: batch rows
+    that do not merge with heads in q, k, v or out, or masks not known to be shared by the batch rows
+    and heads (``tile.shared``) or a gate over several batch rows (they would need a copy per head)."""
+    g = run.first
+    rows, keys, b = g.q1 - g.q0, g.k1 - g.k0, g.b1 - g.b0
+    if b > 1 and (lg is not None or not (g.full or getattr(tile, "shared", False))):
+        return False
+    views = (view(q, run, g.q0, run.q_step, rows), view(k, run, g.k0, run.k_step, keys),
+             view(v, run, g.k0, run.k_step, keys), view(out, run, g.q0, run.q_step, rows))
+    if any(x is None for x in views):
+        return False
+    members = [run.member(i) for i in range(run.n)]
+    keep = None
+    if not g.full:
+        tiles = [tile(m.b0, m.b1, m.q0, m.q1, m.k0, m.k1) for m in members]
+        if any(t is None for t in tiles):
+            return False
+        same = all(t.shape == tiles[0].shape and torch.equal(t, tiles[0]) for t in tiles[1:])
+        keep = tiles[0] if same else torch.cat(tiles)  # (1 | n, 1 | Hq, R, L): a window's band has one mask
+    lg_run = None if lg is None else torch.cat([lg[m.b0:m.b1, None, None, m.k0:m.k1] for m in members])
+    o, lse = cpu_flash.forward(*views[:3], cpu_flash.float_mask(keep, lg_run, q.dtype), scale)
+    views[3].copy_(o)
+    for j, i in enumerate(run.indices):  # (n, b·Hkv, G·R) -> each piece's (b, Hkv, G·R)
+        lses[i] = lse[j].view(b, k.shape[1], -1)
+    return True
 
 
 def _fused_backward(q, k, v, lg, out, d_out, pieces, parts, tile, scale, lses, in_lanes):

@@ -21,21 +21,23 @@ from learnmask.ops.sdpa import SDPABackend
 # experiments/bench/calibrate_auto.py (paper/results/auto-calibration.json; its check lists auto's
 # pick in each case against the faster backend). Only the ranking matters. Compute rates grow with
 # the thread count (by _THREAD_GAIN per extra thread), per-call overheads do not. The `blocks`
-# constants were refitted when its calls moved to two lanes (learnmask.ops.cpu_pool), on a machine
-# 1.5x slower than the first fit: rates and overheads are scaled by the ratio of the two fits'
-# _R_MASKED so that the constants not fitted by the script (_R_DENSE, _R_EAGER, ...) keep their units.
+# constants were refitted when its calls moved to two lanes (learnmask.ops.cpu_pool), and again when its
+# plan was cut at document starts and its forward took runs of equal pieces (learnmask.ops.block_runs),
+# each time on a machine slower than the first fit (1.5x, 1.76x): rates and overheads are scaled by the
+# ratio of the fits' _R_MASKED so that the constants not fitted by the script (_R_DENSE, _R_EAGER, ...)
+# keep their units.
 _R_DENSE = 5.5e10    # multiply-adds per second of SDPA's fused CPU kernel without a mask
 _R_MASKED = 4.45e10  # ... with a dense mask (it reads a mask value per pair)
-_R_BLOCKS = 4.5e10   # ... of the per-group fused calls of `blocks`
+_R_BLOCKS = 4.65e10  # ... of the per-group fused calls of `blocks`
 _R_EAGER = 1.5e10    # eager matmul/softmax: `blocks`' recomputing backward, SDPA's math kernel
 _R_FLEX = 1.0e10     # compiled FlexAttention on CPU (block-sparse tiles of 128)
 _R_REFERENCE = 1e9   # float64 eager reference
-_C_CALL = 2.4e-4     # seconds of overhead per `blocks` group call in the forward (slicing, partial-tile mask)
-_C_CALL_BWD = 4.3e-4  # ... and in its backward
+_C_CALL = 3.05e-4    # seconds of overhead per `blocks` group call in the forward (slicing, partial-tile mask)
+_C_CALL_BWD = 7.6e-4  # ... and in its backward
 _C_FLEX_CALL = 1e-3  # seconds of overhead per compiled FlexAttention call
 _FLEX_COMPILE_S = 10.0  # a first compiled FlexAttention call at a new shape (tens of seconds on CPU)
 _BWD = 2.3           # backward / forward time of SDPA's fused kernel (and of the reference)
-_BWD_BLOCKS = 2.35   # ... of `blocks`' per-group calls
+_BWD_BLOCKS = 2.26   # ... of `blocks`' per-group calls
 _FLEX_WASTE = 1.3    # FlexAttention's 128-wide tiles compute more pairs than `blocks`' plan
 _THREAD_GAIN = 0.8
 
