@@ -6,14 +6,13 @@ import zlib
 
 import pytest
 import torch
+from test_ops_attention import KINDS, check_three_way, make_inputs, make_mask, run
 
 from learnmask.masks import attention as am
 from learnmask.ops import attention as ops
 from learnmask.ops import cost_model
 from learnmask.ops.attention import BackendNotSupported, choose_backend, masked_attention
 from learnmask.ops.reference import ReferenceBackend
-
-from test_ops_attention import KINDS, check_three_way, make_inputs, make_mask, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -94,8 +93,8 @@ def test_non_cpu_devices_keep_registry_order(monkeypatch):
     q, k, v = qkv(s=64)
     inputs = ops.prepare_inputs(q, k, v, mask=am.sliding_window(8))
     fake_q = torch.empty(2, 4, 64, 16, device="meta")
-    meta = ops.AttentionInputs(q=fake_q, k=fake_q, v=fake_q, mask=inputs.mask, structure=inputs.structure, head_gate=None,
-                               token_gate=None, scale=1.0)
+    meta = ops.AttentionInputs(q=fake_q, k=fake_q, v=fake_q, mask=inputs.mask, structure=inputs.structure,
+                               head_gate=None, token_gate=None, scale=1.0)
     choice = ops._choose(meta)
     assert choice.ranking == [n for n in ops.auto_order() if n not in choice.refused]
     assert "registry order" in choice.reason

@@ -8,14 +8,13 @@ import zlib
 
 import pytest
 import torch
+from test_ops_attention import KINDS, SHAPES, check_three_way, make_inputs, make_mask, run
 
 from learnmask.masks import attention as am
 from learnmask.ops import blocks_autograd, cpu_pool, row_plan
 from learnmask.ops.attention import masked_attention
 from learnmask.ops.blocks import BlocksBackend
 from learnmask.ops.reference import ReferenceBackend
-
-from test_ops_attention import KINDS, SHAPES, check_three_way, make_inputs, make_mask, run
 
 BLOCKS = BlocksBackend(block_q=4)  # many small groups: many calls for the two lanes
 
@@ -131,7 +130,7 @@ def test_lanes_use_the_callers_thread_count_and_leave_the_default_alone():
             assert cpu_pool.run([torch.get_num_threads] * 2) == [n, n]
             assert torch.get_num_threads() == n
             seen = []
-            fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            fresh = threading.Thread(target=lambda seen=seen: seen.append(torch.get_num_threads()))
             fresh.start()
             fresh.join()
             assert seen == [n]

@@ -315,7 +315,8 @@ def print_tables(static: list[dict], dynamic: list[dict], goal_rows: list[dict])
         best = r["contenders"][r["best"]]
         flex = "n/a" if r["speed_vs_flex"] is None else f"{r['speed_vs_flex']:.2f}"
         aflex = "n/a" if r["auto_speed_vs_flex"] is None else f"{r['auto_speed_vs_flex']:.2f}"
-        print(f"{r['S']:>5} {r['mask']:<10} {r['mode']:<17}" + "".join(f"{fmt_ms(r['contenders'][n]):>17}" for n in names)
+        times = "".join(f"{fmt_ms(r['contenders'][n]):>17}" for n in names)
+        print(f"{r['S']:>5} {r['mask']:<10} {r['mode']:<17}" + times
               + f"{r['best']:>17}{r['speedup_vs_sdpa_dense']:>9.2f}{flex:>8}{r['auto_picked']:>8}"
               + f"{r['auto_speedup_vs_sdpa_dense']:>13.2f}{aflex:>12}{best['peak_bytes'] / 2**20:>9.1f}")
     print("\ndynamic token gates, a new z every step (ms per step, rebuild included)")

@@ -36,9 +36,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import attention as bench  # noqa: E402  (the benchmark's masks)
 
 from learnmask.io import atomic_write_text  # noqa: E402
-from learnmask.ops import choose_backend, masked_attention  # noqa: E402
 from learnmask.ops import attention as auto  # noqa: E402
-from learnmask.ops import cost_model  # noqa: E402
+from learnmask.ops import (  # noqa: E402
+    choose_backend,
+    cost_model,  # noqa: E402
+    masked_attention,
+)
 from learnmask.ops.inputs import prepare_inputs  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -75,10 +78,10 @@ def measure(seq_lens: list[int], repeats: int) -> list[dict]:
             q, k, v = (torch.randn(B, H, seq, D, generator=gen, requires_grad=True) for _ in range(3))
             pairs, calls, chunks = auto._plan_stats(prepare_inputs(q, k, v, mask=mask))
             row = dict(S=seq, mask=kind, pairs=pairs, calls=calls, chunks=chunks, dense_pairs=B * seq * seq)
-            contenders = {
-                "blocks": lambda: masked_attention(q, k, v, mask=mask, backend="blocks"),
-                "sdpa": lambda: masked_attention(q, k, v, mask=mask, backend="sdpa"),
-                "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+            contenders = {  # each bound to this iteration's tensors (the loop moves on after timing them)
+                "blocks": lambda q=q, k=k, v=v, mask=mask: masked_attention(q, k, v, mask=mask, backend="blocks"),
+                "sdpa": lambda q=q, k=k, v=v, mask=mask: masked_attention(q, k, v, mask=mask, backend="sdpa"),
+                "sdpa_dense": lambda q=q, k=k, v=v, keep=keep: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
             }
             for grads, mode in ((False, "f"), (True, "fb")):
                 for name, call in contenders.items():

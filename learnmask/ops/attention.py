@@ -263,7 +263,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, *, mask=None, head_gate: Ten
        of group calls; the plan is cached on the mask, so ``blocks`` reuses it):
 
        - ``sdpa``: all B·Q·K pairs at the dense-mask rate, backward ``_BWD`` times the forward
-         (the eager rate instead when a token gate needs a gradient: SDPA's math kernel; constants in :mod:`learnmask.ops.cost_model`);
+         (the eager rate instead when a token gate needs a gradient: SDPA's math kernel; constants in
+         :mod:`learnmask.ops.cost_model`);
        - ``blocks``: the plan's pairs plus a fixed cost per group call; with a token gate that needs a
          gradient, a recomputing backward at the eager rate;
        - ``flex`` (inference only on CPU): the plan's pairs at FlexAttention's lower CPU rate, plus
@@ -337,7 +338,8 @@ def _choose(inputs: AttentionInputs) -> AutoChoice:
         others = ", ".join(f"{n} {1e3 * t:.3g}" for n, t in sorted(estimates.items(), key=lambda x: (x[1] is None,
                                                                                                     x[1] or 0))
                            if n != best and t is not None)
-        reason = f"lowest estimated CPU time, {what}: {best} {1e3 * cost:.3g} ms" + (f" vs {others} ms" if others else "")
+        versus = f" vs {others} ms" if others else ""
+        reason = f"lowest estimated CPU time, {what}: {best} {1e3 * cost:.3g} ms{versus}"
         if best == "blocks":
             frac = stats()[0] / _cost.dense_pairs(inputs)
             reason += f" (plan keeps {frac:.0%} of the pairs)"

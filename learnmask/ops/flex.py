@@ -69,7 +69,8 @@ def _compile_reasons(device_type: str) -> tuple[str, ...]:
         except Exception:  # noqa: BLE001
             compiler = None
         if not any(shutil.which(c) for c in filter(None, (compiler, "g++", "c++", "clang++"))):
-            return ("no C++ compiler found for torch.compile on CPU (install g++ or set torch._inductor.config.cpp.cxx)",)
+            return ("no C++ compiler found for torch.compile on CPU (install g++ or set "
+                    "torch._inductor.config.cpp.cxx)",)
     return ()
 
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from learnmask.masks.attention import AttentionMask, bias_to_keep
-from learnmask.ops.base import AttentionInputs
 from learnmask.masks.structure import MaskStructure
+from learnmask.ops.base import AttentionInputs
 
 __all__ = ["prepare_inputs", "check_dropout"]
 

@@ -31,7 +31,8 @@ class ReferenceBackend:
     name = "reference"
 
     def __init__(self, compute_dtype: torch.dtype | str = torch.float64) -> None:
-        if compute_dtype != "input" and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        floating = isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        if compute_dtype != "input" and not floating:
             raise ValueError(f"compute_dtype must be a floating torch.dtype or 'input'; got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
 

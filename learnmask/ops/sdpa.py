@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from learnmask.masks.structure import MaskStructure
 from learnmask.ops.base import AttentionInputs
 from learnmask.ops.common import apply_head_gate, dense_keep, empty_attention, expand_kv, is_empty, log_gate
-from learnmask.masks.structure import MaskStructure
 
 __all__ = ["SDPABackend", "sdpa_with_mask"]
 

@@ -30,8 +30,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from learnmask.ops.base import AttentionInputs
 from learnmask.masks.structure import MaskStructure
+from learnmask.ops.base import AttentionInputs
 
 MAX_HEAD_DIM = 128
 _KERNELS = "learnmask.ops.triton_kernels"
@@ -53,8 +53,8 @@ def _interpreter_mismatch() -> bool:
     """TRITON_INTERPRET=1 now, but triton was imported without it (the kernels would fail)."""
     if _KERNELS in sys.modules or "triton" not in sys.modules or not _env_interpret():
         return False
-    from triton.runtime.interpreter import InterpretedFunction
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
     return not isinstance(tl.standard.cdiv, InterpretedFunction)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from triton.runtime.interpreter import InterpretedFunction
 
 _NO_SPEC = ["Q", "K", "causal", "window", "chunk"]

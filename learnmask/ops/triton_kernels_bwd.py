@@ -4,7 +4,8 @@ Two launches: first one program per (query block, batch*head) computes FlashAtte
 ``delta = rowsum(dO * O)`` of its rows (stored) and accumulates dQ; then one program per
 (key block, batch*kv head) accumulates dK, dV and the per-key gate gradient over the query blocks of
 every query head of its group (no atomics). When dQ is not needed,
-:func:`learnmask.ops.triton_kernels.attn_bwd_delta` computes delta instead. Both visit only the blocks the forward visits, in the same partial / full / partial
+:func:`learnmask.ops.triton_kernels.attn_bwd_delta` computes delta instead. Both visit only the
+blocks the forward visits, in the same partial / full / partial
 runs, and recompute ``p = exp2(s2 - lse2)`` (zero for a row with no kept key, whose ``lse2`` is
 ``+inf``). With ``ds = p * (dp - delta)`` in natural units: ``dQ = scale * ds @ K``,
 ``dK = scale * ds^T @ Q``, ``dV = p^T @ dO`` and ``dbias[j] = sum_i ds[i, j]`` (the gradient of the

@@ -229,8 +229,8 @@ def _tune(key: tuple, configs: list, launch) -> tuple[int, int, int, int]:
     for config in configs:
         try:
             launch(config)  # compiles
-            timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
-                                                      return_mode="median")
+            timings[config] = triton.testing.do_bench(lambda config=config: launch(config), warmup=TUNE_WARMUP_MS,
+                                                      rep=TUNE_REP_MS, return_mode="median")
         except Exception as error:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
             timings[config] = f"{type(error).__name__}: {error}"[:200]
     timed = [(ms, i, c) for i, (c, ms) in enumerate(timings.items()) if isinstance(ms, float)]
