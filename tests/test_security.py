@@ -86,16 +86,7 @@ def test_a_truncated_real_checkpoint_is_a_damaged_file(tmp_path):
 # -- every place learnmask reads a file back ------------------------------------------------------
 
 @pytest.fixture
-def tiny_classifier(monkeypatch):
-    from conftest import synthetic, tiny_bert
-
-    from learnmask.recipe import train
-
-    def load(cfg):
-        torch.manual_seed(cfg.seed)
-        return tiny_bert(num_labels=2, layers=2, heads=4), synthetic(32, 0), synthetic(16, 1), 0
-
-    monkeypatch.setattr(train, "_load", load)
+def tiny_classifier(tiny):  # conftest's tiny BERT and toy task in place of the real ones
     from test_recipe_train import config
 
     return config(epochs=1, test_size=16, method="importance", target_sparsity=0.5)
