@@ -19,6 +19,7 @@ from learnmask.inject.config import MaskConfig
 from learnmask.inject.custom import custom_layers
 from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
 from learnmask.inject.hidden import find_hidden_stream
+from learnmask.inject.tokens import TokenGates
 
 __all__ = ["apply_masks"]
 
@@ -122,4 +123,11 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
         gate.train(model.training)
     if register is None:
         register = not isinstance(model, nn.Sequential)
-    return MaskHandle(model, layers, built, config, hidden, register)
+    tokens = None
+    if config.tokens:
+        tokens = TokenGates(layers[0].hidden_size, config.token_layers, config.token_keep_ratio, config.token_gate,
+                            config.token_gate_options)
+        if parameter is not None:
+            tokens.to(device=parameter.device, dtype=parameter.dtype)
+        tokens.train(model.training)
+    return MaskHandle(model, layers, built, config, hidden, register, tokens)
