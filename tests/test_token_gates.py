@@ -316,3 +316,41 @@ def test_a_causal_model_is_refused_with_the_supported_list():
     with pytest.raises(ValueError, match="token gates support .* is 'gpt2'"):
         gate(gpt2)
     assert not hasattr(gpt2, "learnmask_gates")
+
+
+def test_the_trainer_callback_drives_tokens_like_heads():
+    from learnmask.trainer_callback import GateCallback
+
+    model, batch = make("bert"), batch_for("bert")
+    handle = gate(model)
+    callback = GateCallback(handle, LagrangianController(0.5))
+    assert callback.sparsity == "tokens"
+    assert {id(p) for p in callback.gates} == {id(p) for p in handle.tokens.parameters()}
+    model.train()
+    output("bert", model, batch)
+    assert torch.equal(callback.expected_sparsity(), handle.expected_unit_sparsity("tokens"))
+    with pytest.raises(ValueError, match=r"sparsity='ffn' is not gated; choose 'parameters' or one of \['tokens'\]"):
+        GateCallback(handle, sparsity="ffn")
+
+
+def test_finalize_refuses_token_gates_instead_of_dropping_them_silently():
+    handle = gate(make("bert"), heads=True)
+    with pytest.raises(ValueError, match="finalize cannot export token gates yet"):
+        handle.finalize()
+
+
+def test_head_gates_and_token_gates_together_drop_equals_mask():
+    from learnmask.gates import FixedGate
+
+    model, batch = make("bert"), batch_for("bert")
+    heads = torch.ones(LAYERS, HEADS)
+    heads[1:, :2] = 0.0  # closed heads in the layers after pruning
+    handle = gate(model, heads=True, gates={"heads": FixedGate(heads)})
+    with torch.no_grad():
+        dropped = output("bert", model, batch)
+        handle.token_inference = "mask"
+        masked = output("bert", model, batch)
+        handle.set_gate("heads", FixedGate(torch.ones(LAYERS, HEADS)))
+        open_heads = output("bert", model, batch)
+    assert (dropped - masked).abs().max().item() <= TOL
+    assert (masked - open_heads).abs().max().item() > 10 * TOL  # the head gates did act

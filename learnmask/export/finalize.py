@@ -193,14 +193,19 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
 
     Raises:
         TypeError: ``target`` is neither a handle nor a model (``None``, say).
-        ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
-            without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
-            and up projections are), or a model whose layers changed since it was gated.
+        ValueError: a handle with token gates (not exported yet), a model without gates, one
+            gated through ``target_modules``/``ffn_modules`` without
+            ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v and up
+            projections are), or a model whose layers changed since it was gated.
     """
     if not isinstance(target, (MaskHandle, nn.Module)):
         raise TypeError(f"finalize expects the handle of apply_masks (or apply_head_gates), or the gated model "
                         f"(an nn.Module); got {type(target).__name__}")
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
+    if getattr(handle, "tokens", None) is not None:
+        raise ValueError("finalize cannot export token gates yet (it would drop them silently): the gated model "
+                         "itself drops tokens in eval (handle.token_inference='drop'); gate heads/FFN and tokens "
+                         "on separate handles, or keep the gated model")
     masks, names = _masks_and_names(handle)
     if inplace:
         handle.remove()
