@@ -75,8 +75,8 @@ class TokenScorer(nn.Module):
     """``log_alpha = Linear(LayerNorm(h))``: one keep logit per token (DynamicViT's predictor,
     reduced to a norm and a linear map, Rao et al. 2021).
 
-    Input ``(B, S, d)``; output ``(B, S)`` real logits (float32 for float16/bfloat16 inputs is
-    not forced: the output has the input's dtype).
+    Input ``(B, S, d)``; output ``(B, S)`` real logits in the input's dtype. The bias starts at
+    the gate kind's initial ``log_alpha`` (nearly open by default), the weight near 0.
     """
 
     def __init__(self, hidden_size: int, init_log_alpha: float) -> None:
