@@ -333,6 +333,25 @@ def test_the_trainer_callback_drives_tokens_like_heads():
         GateCallback(handle, sparsity="ffn")
 
 
+def test_scorers_train_in_the_gate_group_at_gate_lr_without_weight_decay():
+    from learnmask.gates import FixedGate, param_groups
+    from learnmask.trainer_callback import GateCallback
+
+    model = make("bert")
+    handle = gate(model, heads=True, gates={"heads": FixedGate(torch.ones(LAYERS, HEADS))})
+    scorers = {id(p) for p in handle.tokens.parameters()}
+    assert len(scorers) == 4 * len(handle.tokens.scorers)  # norm weight, bias; linear weight, bias
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-4, weight_decay=0.01, gate_lr=0.3)}
+    assert scorers <= {id(p) for p in groups["gates"]["params"]}
+    assert not scorers & {id(p) for p in groups["base"]["params"]}
+    assert (groups["gates"]["lr"], groups["gates"]["weight_decay"]) == (0.3, 0.0)
+    assert (groups["base"]["lr"], groups["base"]["weight_decay"]) == (1e-4, 0.01)
+    callback = GateCallback(handle, gate_lr=0.2)
+    (group,) = callback.optimizer.param_groups
+    assert scorers <= {id(p) for p in group["params"]}
+    assert (group["lr"], group["weight_decay"]) == (0.2, 0.0)
+
+
 def test_finalize_refuses_token_gates_instead_of_dropping_them_silently():
     handle = gate(make("bert"), heads=True)
     with pytest.raises(ValueError, match="finalize cannot export token gates yet"):

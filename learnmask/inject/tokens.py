@@ -110,6 +110,10 @@ class TokenGates(nn.Module):
         ValueError: a kind that cannot gate tokens, or bad options for it.
     """
 
+    #: Its parameters are gate parameters: :func:`learnmask.gates.param_groups` puts the scorers
+    #: in the gate group (``gate_lr``, no weight decay), as ``MaskHandle.gate_parameters`` does.
+    holds_gate_parameters = True
+
     def __init__(self, hidden_size: int, layers: tuple[int, ...], keep_ratio: float | tuple[float, ...],
                  kind: str, options: dict) -> None:
         super().__init__()
