@@ -94,7 +94,7 @@ class Route:
             return mask, None
         state = self.handle.token_state
         if self.row <= tokens.layers[0]:
-            state.observe(_real_keys(mask, batch, kv_len, device))
+            state.observe(real_keys(mask, batch, kv_len, device))
             return mask, None
         if state.dropped:
             return (None if bool(state.valid.all()) else am.padding(state.valid)), None
@@ -324,7 +324,7 @@ def _window_of(fn: Callable) -> int | None:
     return value if isinstance(value, int) and value >= 1 else None
 
 
-def _real_keys(mask, batch: int, kv_len: int, device) -> Tensor:
+def real_keys(mask, batch: int, kv_len: int, device) -> Tensor:
     """``(B, K)`` bool keys the first query may attend to (for a bidirectional encoder's mask:
     the real tokens); all True without a mask."""
     if mask is None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from learnmask.inject.hooks import LearnmaskHook
-from learnmask.inject.tokens import keep_counts, topk_keep
+from learnmask.inject.tokens import eval_keep, gather_kept, keep_counts
 
 
 def log_keep(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -81,7 +81,7 @@ class PruneTokens(LearnmaskHook):
             state.expected.append(state.probability.float().sum(dim=1))
             state.kept.append(state.keep.detach() > 0)
             return None
-        hard = topk_keep(log_alpha, eligible, counts)
+        hard = eval_keep(log_alpha, open_, state.n_real, tokens.ratios[self.stage])
         state.expected.append(hard.sum(dim=1).float())
         if handle.token_inference == "mask":
             state.keep = hard.to(hidden.dtype)
@@ -92,21 +92,15 @@ class PruneTokens(LearnmaskHook):
 
     @staticmethod
     def _gather(state, hard: Tensor, hidden: Tensor) -> Tensor:
-        """Keep the tokens ``hard`` ``(B, S)`` of ``hidden`` ``(B, S, d)`` in their order; pad
-        each example to the longest with copies of its first token (marked not valid)."""
-        batch, length = hard.shape
-        positions = torch.arange(length, device=hard.device).expand(batch, length)
-        order = torch.sort(torch.where(hard, positions, positions + length), dim=1).values
-        counts = hard.sum(dim=1)
-        width = int(counts.max())
-        valid = torch.arange(width, device=hard.device)[None, :] < counts[:, None]
-        index = torch.where(valid, order[:, :width], torch.zeros_like(order[:, :width]))
+        """Keep the tokens ``hard`` ``(B, S)`` of ``hidden`` ``(B, S, d)`` (:func:`gather_kept`)
+        and record their original positions."""
+        gathered, index, valid = gather_kept(hard, hidden)
         original = index if state.index is None else torch.gather(state.index, 1, index)
-        kept = torch.zeros(batch, state.length, dtype=torch.long, device=hard.device)
+        kept = torch.zeros(hard.shape[0], state.length, dtype=torch.long, device=hard.device)
         kept.scatter_add_(1, original, valid.long())
         state.kept.append(kept > 0)
         state.index, state.valid, state.dropped = original, valid, True
-        return torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return gathered
 
 
 class EncoderLayerTokens(LearnmaskHook):

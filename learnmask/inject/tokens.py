@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from learnmask.functional import gumbel_sigmoid, hard_concrete_sample, prob_nonzero, straight_through_threshold
 from learnmask.gates import GumbelSigmoidGate, HardConcreteGate, ThresholdGate, TopKGate, make_gate
 
-__all__ = ["TOKEN_GATE_KINDS", "TokenScorer", "TokenGates", "TokenState", "keep_ratios", "topk_keep"]
+__all__ = ["TOKEN_GATE_KINDS", "TokenScorer", "TokenGates", "TokenState", "eval_keep", "gather_kept", "keep_ratios",
+           "topk_keep"]
 
 #: Gate kinds a token gate can sample with.
 TOKEN_GATE_KINDS = ("hard_concrete", "gumbel_sigmoid", "threshold", "topk")
@@ -69,6 +70,46 @@ def topk_keep(scores: Tensor, eligible: Tensor, counts: Tensor) -> Tensor:
     keep = (rank < (counts - 1)[:, None]) & eligible
     keep[:, 0] = True
     return keep
+
+
+def eval_keep(log_alpha: Tensor, open_: Tensor, n_real: Tensor, ratio: float) -> Tensor:
+    """``(B, S)`` bool: the eval decision of one pruning layer (the rule the gated model in eval
+    and its export share): the first token and the ``max(1, round(ratio * n_real)) - 1`` open
+    tokens of largest ``log_alpha``.
+
+    Args:
+        log_alpha: ``(B, S)`` the scorer's logits.
+        open_: ``(B, S)`` bool, tokens still open (real, not closed by an earlier stage).
+        n_real: ``(B,)`` real tokens per example in the model's input.
+        ratio: fraction of the input's real tokens kept after this layer, in (0, 1].
+    """
+    eligible = open_.clone()
+    eligible[:, 0] = False
+    return topk_keep(log_alpha, eligible, keep_counts(n_real, ratio))
+
+
+def gather_kept(hard: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the tokens ``hard`` of ``hidden`` in their original order, each example padded to
+    the longest with copies of its first token.
+
+    Args:
+        hard: ``(B, S)`` bool, tokens kept (the first always).
+        hidden: ``(B, S, d)``.
+
+    Returns:
+        ``(gathered, index, valid)``: ``(B, S', d)`` kept hidden states (S' the most tokens any
+        example keeps), ``(B, S')`` their positions in ``hidden`` (0 on padding), ``(B, S')`` bool
+        real (kept) tokens of the gathered tensor.
+    """
+    batch, length = hard.shape
+    positions = torch.arange(length, device=hard.device).expand(batch, length)
+    order = torch.sort(torch.where(hard, positions, positions + length), dim=1).values
+    counts = hard.sum(dim=1)
+    width = int(counts.max())
+    valid = torch.arange(width, device=hard.device)[None, :] < counts[:, None]
+    index = torch.where(valid, order[:, :width], torch.zeros_like(order[:, :width]))
+    gathered = torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    return gathered, index, valid
 
 
 class TokenScorer(nn.Module):
