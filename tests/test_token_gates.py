@@ -352,12 +352,6 @@ def test_scorers_train_in_the_gate_group_at_gate_lr_without_weight_decay():
     assert (group["lr"], group["weight_decay"]) == (0.2, 0.0)
 
 
-def test_finalize_refuses_token_gates_instead_of_dropping_them_silently():
-    handle = gate(make("bert"), heads=True)
-    with pytest.raises(ValueError, match="finalize cannot export token gates yet"):
-        handle.finalize()
-
-
 def test_head_gates_and_token_gates_together_drop_equals_mask():
     from learnmask.gates import FixedGate
 

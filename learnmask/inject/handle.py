@@ -448,6 +448,21 @@ class MaskHandle:
 
         return finalize(self, inplace=inplace)
 
+    def export_token_pruning(self, *, inplace: bool = False) -> nn.Module:
+        """The plain model that drops tokens at inference without learnmask's hooks or attention
+        function: :func:`learnmask.export.finalize` of this token-gated handle (heads, FFN units
+        and blocks gated with it are pruned too; see
+        :class:`learnmask.export.tokens.TokenDroppingLayers`).
+
+        Raises:
+            ValueError: this handle gates no tokens (use :meth:`finalize`), or what
+                :func:`~learnmask.export.finalize` raises.
+        """
+        if self.tokens is None:
+            raise ValueError(f"no token gates on this model (gated: {', '.join(self.gated_names)}); "
+                             "apply_masks with tokens=True, or use finalize()")
+        return self.finalize(inplace=inplace)
+
     def remove(self) -> None:
         """Take every hook, parametrization, route and gate off; the model is then bit-identical
         (its attention implementation switched back)."""
