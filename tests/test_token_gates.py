@@ -267,6 +267,67 @@ def test_a_controller_drives_the_expected_keep_ratio_to_the_target(controller):
     assert abs(sum(history[-20:]) / 20 - 0.5) < 0.05
 
 
+def test_setting_the_keep_ratio_moves_every_stage_on_its_curve():
+    handle = gate(make("bert"), token_keep_ratio=0.5)
+    assert handle.tokens.ratios == pytest.approx((0.5 ** 0.5, 0.5))
+    handle.tokens.keep_ratio = 0.25
+    assert handle.tokens.ratios == pytest.approx((0.5, 0.25)) and handle.tokens.ratios[-1] == 0.25
+    assert handle.tokens.sparsity_target() == pytest.approx(1 - (0.5 + 0.25) / 2)
+    listed = gate(make("bert"), token_keep_ratio=(0.8, 0.64))
+    listed.tokens.keep_ratio = 0.8 ** 4  # the exponent doubles: 0.8 -> 0.8^2
+    assert listed.tokens.ratios == pytest.approx((0.64, 0.8 ** 4))
+    for bad in (0.0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="keep_ratio must be a fraction in \\(0, 1\\]"):
+            handle.tokens.keep_ratio = bad
+
+
+def test_the_loss_adaptive_controller_moves_the_keep_ratio_down_while_the_loss_falls_up_when_it_rises():
+    from learnmask.control import LossAdaptiveController
+
+    handle = gate(make("bert"), token_layers=[0], token_keep_ratio=0.9)
+    adaptive = LossAdaptiveController(0.9, r_min=0.5, r_max=1.0, harder="down", max_step=0.05)
+    ratios = []
+    for loss in [1.0 - 0.05 * i for i in range(12)] + [2.0 + 0.5 * i for i in range(4)]:
+        handle.tokens.keep_ratio = adaptive.update(loss)
+        ratios.append(handle.tokens.keep_ratio)
+    falling = [0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.5, 0.5, 0.5]  # first loss: level only
+    assert ratios == pytest.approx(falling + [0.55, 0.6, 0.65, 0.7])
+    assert handle.tokens.target_keep_ratio == pytest.approx(0.7)
+
+
+def test_a_lagrangian_controller_follows_a_keep_ratio_moved_by_the_loss():
+    """The loss-adaptive row: a falling (synthetic) task loss moves the target keep ratio from
+    0.9 down to 0.5 over 40 steps; the Lagrangian controller, targeting
+    ``tokens.sparsity_target``, drives the expected keep ratio after it."""
+    from learnmask.control import LossAdaptiveController
+
+    model, batch = make("encoder_layer"), batch_for("encoder_layer")
+    handle = gate(model, token_layers=[0], token_keep_ratio=0.9)
+    adaptive = LossAdaptiveController(0.9, r_min=0.5, r_max=1.0, harder="down", max_step=0.01)
+    control = LagrangianController(handle.tokens.sparsity_target, lr=0.05)
+    model.train()
+    for p in handle.base_parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(handle.gate_parameters(), lr=0.05)
+    targets, kept = [], []
+    for step in range(200):
+        optimizer.zero_grad()
+        out = output("encoder_layer", model, batch)
+        loss = 1e-3 * out.pow(2).mean() + control.penalty(handle.expected_unit_sparsity("tokens"))
+        loss.backward()
+        optimizer.step()
+        control.step()
+        handle.tokens.keep_ratio = adaptive.update(1.0 - 0.01 * step)  # falling: harder each step
+        assert control.target == pytest.approx(1.0 - handle.tokens.keep_ratio)
+        targets.append(handle.tokens.keep_ratio)
+        kept.append(handle.expected_keep_ratio("tokens").item())
+    assert targets[0] == pytest.approx(0.9) and targets[20] == pytest.approx(0.7)
+    assert targets[-1] == pytest.approx(0.5) and targets[40] == pytest.approx(0.5)
+    assert kept[0] > 0.9
+    assert max(abs(k - t) for k, t in zip(kept[10:41], targets[10:41])) < 0.1  # follows on the way down
+    assert abs(sum(kept[-20:]) / 20 - 0.5) < 0.05
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan"), (0.5,), (0.3, 0.6)])

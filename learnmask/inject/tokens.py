@@ -23,6 +23,7 @@ hidden size, ``n`` pruning layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor, nn
@@ -208,6 +209,43 @@ class TokenGates(nn.Module):
         """The keep ratio a controller drives :meth:`TokenState.expected_keep_ratio` to: the mean
         of the per-layer targets :attr:`ratios` (the target itself with one pruning layer)."""
         return sum(self.ratios) / len(self.ratios)
+
+    @property
+    def keep_ratio(self) -> float:
+        """Fraction of real tokens kept after the last pruning layer, in (0, 1] (``ratios[-1]``).
+
+        Setting it to r moves every stage along its geometric curve: stage i keeps
+        ``ratios[i] ** (log r / log ratios[-1])`` (so DynamicViT's default schedule
+        ``r^((i+1)/n)``, Rao et al. 2021, stays that schedule; it is also what stages that all
+        kept 1 get), the last stage exactly r. This is
+        what a :class:`~learnmask.control.LossAdaptiveController` with ``harder="down"`` moves
+        from the task loss (``tokens.keep_ratio = controller.update(loss)``); a penalty
+        controller built on :meth:`sparsity_target` then follows it. The eval decisions (and an
+        export made afterwards) use the new ratios.
+
+        Raises:
+            ValueError: (setter) a value outside (0, 1].
+        """
+        return self.ratios[-1]
+
+    @keep_ratio.setter
+    def keep_ratio(self, ratio: float) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"keep_ratio must be a fraction in (0, 1]; got {ratio!r}")
+        last = self.ratios[-1]
+        if last == 1.0:
+            self.ratios = keep_ratios(float(ratio), len(self.ratios))
+        else:
+            power = math.log(float(ratio)) / math.log(last)
+            self.ratios = (*(r ** power for r in self.ratios[:-1]), float(ratio))
+
+    def sparsity_target(self, step: int = 0) -> float:
+        """``1 - target_keep_ratio`` now, in [0, 1): a target schedule (``step -> target``) for
+        :class:`~learnmask.control.LagrangianController` or
+        :class:`~learnmask.control.PIController` that follows :attr:`keep_ratio` wherever it
+        is moved (``step`` is ignored)."""
+        del step
+        return 1.0 - self.target_keep_ratio
 
 
 @dataclasses.dataclass
