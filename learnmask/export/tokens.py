@@ -56,6 +56,10 @@ class TokenDroppingLayers(nn.Module):
     tokens after the last layer (first token first, then in original order; examples that keep
     fewer are padded with copies of their first token, which the masks hide).
 
+    The decisions follow the eval rule in training mode too (the export is for inference; train
+    the gated model). ``ratios`` are configuration, not state: a ``state_dict`` carries the
+    layers and scorers, and loads into an export made with the same ratios.
+
     Raises:
         ValueError: (when called) a ``src_mask`` or ``is_causal=True`` on an encoder-layer stack
             (square masks do not follow gathered tokens), or left padding (the first token of an
