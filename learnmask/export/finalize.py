@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from learnmask.export import mha, record, stubs
 from learnmask.export.hidden import prune_hidden
+from learnmask.export.tokens import drop_tokens
 from learnmask.inject import hooks
 from learnmask.inject.architectures import AttentionSpec, FFNSpec, LayerSpec, find_layers, is_mha
 from learnmask.inject.custom import custom_layers
-from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
+from learnmask.inject.handle import GATES_ATTRIBUTE, TOKENS_ATTRIBUTE, MaskHandle
 from learnmask.inject.hidden import find_hidden_stream
 from learnmask.inject.layout import (
     bias_of,
@@ -190,17 +191,29 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
         original, so :func:`~learnmask.export.save_pruned` saves it as safetensors + JSON and
         :func:`~learnmask.export.load_pruned` rebuilds it (a Hugging Face config still states
         the original sizes, so ``save_pretrained``/``from_pretrained`` alone cannot).
+        With token gates (BERT, RoBERTa, DistilBERT, ViT, ``nn.TransformerEncoderLayer``
+        stacks), its list of layers is replaced by a
+        :class:`~learnmask.export.tokens.TokenDroppingLayers` that drops tokens after the
+        pruning layers as the gated model does in eval with ``token_inference="drop"`` (same
+        outputs up to float rounding, <= 1e-5 in float32 on small models; per-token outputs hold
+        the kept tokens only); heads, FFN units and blocks are pruned as above. Such a model is
+        saved as a ``state_dict`` loaded into a fresh export (``save_pruned`` refuses it).
 
     Raises:
         TypeError: ``target`` is neither a handle nor a model (``None``, say).
-        ValueError: a model without gates, one gated through ``target_modules``/``ffn_modules``
-            without ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v
-            and up projections are), or a model whose layers changed since it was gated.
+        ValueError: a handle with token gates and hidden-dimension gates, a model without gates, one
+            gated through ``target_modules``/``ffn_modules`` without
+            ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v and up
+            projections are), or a model whose layers changed since it was gated.
     """
     if not isinstance(target, (MaskHandle, nn.Module)):
         raise TypeError(f"finalize expects the handle of apply_masks (or apply_head_gates), or the gated model "
                         f"(an nn.Module); got {type(target).__name__}")
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
+    tokens = getattr(handle, "tokens", None)
+    if tokens is not None and "hidden" in handle.gates:
+        raise ValueError("finalize cannot export hidden-dimension gates together with token gates (the token "
+                         "scorers read every hidden dimension); gate tokens with heads/FFN/blocks only")
     masks, names = _masks_and_names(handle)
     if inplace:
         handle.remove()
@@ -212,8 +225,9 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
             model = copy.deepcopy(handle.model)
         hooks.strip(model)
         stubs.restore_class_names(model)  # stubs of an earlier finalize: "RemovedAttention", not "GraphModule"
-        if hasattr(model, GATES_ATTRIBUTE):
-            delattr(model, GATES_ATTRIBUTE)
+        for attribute in (GATES_ATTRIBUTE, TOKENS_ATTRIBUTE):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
     layers = _layers_of(model, handle)
     found = [layer.name for layer in layers]
     if found != names:
@@ -225,6 +239,10 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
         before = record.record_of(model) or record.initial(model, layers)
     pruned, kept = prune(model, layers, masks)
     record.attach(pruned, record.updated(before, [layer.name for layer in layers], kept))
+    if tokens is not None:
+        drop_tokens(pruned, layers, tokens)
+        record.attach(pruned, record.unsupported("it drops tokens (an export of token gates); save its state_dict "
+                                                 "and load it into a fresh export of the same gated model"))
     return pruned
 
 

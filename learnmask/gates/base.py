@@ -306,7 +306,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into a base group and a gate group for ``torch.optim.AdamW``.
 
-    Every parameter owned by a :class:`Gate` submodule goes to the gate group, with
+    Every parameter owned by a :class:`Gate` submodule, or by a module whose class sets
+    ``holds_gate_parameters = True`` (the token gates' scorers,
+    :class:`learnmask.inject.tokens.TokenGates`), goes to the gate group, with
     ``lr = gate_lr`` (or ``lr`` when ``gate_lr`` is None) and ``weight_decay = 0.0``: decay
     would pull ``log_alpha`` towards 0, i.e. half-open gates, with no task signal (CoFi, Xia,
     Zhong & Chen 2022, trains its L0 gates without decay). Everything else with
@@ -328,7 +330,8 @@ def param_groups(
     for key, value in (("lr", lr), ("weight_decay", weight_decay), ("gate_lr", gate_lr)):
         if value is not None and not float(value) >= 0.0:
             raise ValueError(f"{key} must be >= 0; got {value!r}")
-    gate_ids = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
+    owners = [m for m in model.modules() if isinstance(m, Gate) or getattr(type(m), "holds_gate_parameters", False)]
+    gate_ids = {id(p) for m in owners for p in m.parameters()}
     base, gates = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:

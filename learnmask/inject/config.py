@@ -9,6 +9,10 @@ from typing import Any
 #: per FFN intermediate unit ``(L, I)``, per hidden dimension ``(d,)``, per whole attention
 #: block ``(L,)`` and per whole FFN block ``(L,)`` (CoFi pruning, Xia, Zhong & Chen 2022).
 GRANULARITIES = ("heads", "ffn", "hidden", "attention_blocks", "ffn_blocks")
+#: Per-example token gating (DynamicViT, Rao et al. 2021; LTP, Kim et al. 2022; PoWER-BERT,
+#: Goyal et al. 2020): not a unit granularity (its gate values depend on the input), see
+#: :mod:`learnmask.inject.tokens`.
+TOKENS = "tokens"
 #: How gated attention blocks attend: see :class:`MaskConfig`'s ``attention``.
 ATTENTION_MODES = ("auto", "op", "hooks")
 
@@ -45,9 +49,26 @@ class MaskConfig:
             every gated block, an error naming why where it cannot be. ``"hooks"``: hooks only.
         backend: the op's backend for routed blocks (``"auto"`` or a registered name:
             ``"triton"``, ``"flex"``, ``"blocks"``, ``"sdpa"``, ``"reference"``).
+        tokens: gate tokens per example (see :mod:`learnmask.inject.tokens`): after each layer
+            in ``token_layers`` a scorer decides which tokens the later layers still see.
+        token_layers: with ``tokens``: indices (0-based, into the model's transformer layers,
+            strictly increasing) of the layers *after which* tokens are pruned; checked against
+            the model's depth by ``apply_masks``.
+        token_keep_ratio: with ``tokens``: fraction of each example's real tokens (the first,
+            CLS-like token included) kept after the pruning layers, in (0, 1]. A float r is the
+            fraction kept after the last pruning layer, reached geometrically: r^((i+1)/n)
+            after pruning layer i of n (DynamicViT's ρ^s schedule); a list gives the fraction
+            kept after each pruning layer (one per entry of ``token_layers``, non-increasing).
+        token_gate: registered gate kind of the per-token decisions in training
+            (``"hard_concrete"``, ``"gumbel_sigmoid"``, ``"threshold"`` or ``"topk"``).
+        token_gate_options: keyword options of that kind (its ``temperature``, ``stretch``,
+            ``hard``, ``threshold``; ``init_log_alpha`` / ``init_keep_ratio`` set the scorers'
+            initial bias).
 
     Raises:
-        ValueError: no granularity on, a non-bool flag, ``target_modules`` without
+        ValueError: no granularity on, a non-bool flag, ``tokens`` without ``token_layers`` (or
+            layer indices that are not increasing non-negative ints), a ``token_keep_ratio``
+            outside (0, 1] or a list of another length or increasing, ``target_modules`` without
             ``num_heads`` (or a ``num_heads`` that is not a positive int), projection lists that
             do not have one entry per layer, a module named twice, an unknown ``attention`` mode,
             a ``backend`` that is not a name, or (in :meth:`from_dict`) an unknown key.
@@ -68,13 +89,19 @@ class MaskConfig:
     head_count_attribute: str | None = None
     attention: str = "auto"
     backend: str = "auto"
+    tokens: bool = False
+    token_layers: tuple[int, ...] | None = None
+    token_keep_ratio: float | tuple[float, ...] = 0.7
+    token_gate: str = "hard_concrete"
+    token_gate_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in GRANULARITIES:
+        for name in (*GRANULARITIES, TOKENS):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        if not any(getattr(self, name) for name in GRANULARITIES):
-            raise ValueError(f"nothing to gate: turn on at least one of {', '.join(GRANULARITIES)}")
+        if not any(getattr(self, name) for name in (*GRANULARITIES, TOKENS)):
+            raise ValueError(f"nothing to gate: turn on at least one of {', '.join((*GRANULARITIES, TOKENS))}")
+        _check_tokens(self)
         if not isinstance(self.gate, str):
             raise ValueError(f"gate must be a registered gate kind name; got {self.gate!r}")
         for name in ("target_modules", "ffn_modules"):
@@ -126,6 +153,43 @@ class MaskConfig:
     def granularities(self) -> tuple[str, ...]:
         """The granularities turned on, in :data:`GRANULARITIES` order."""
         return tuple(name for name in GRANULARITIES if getattr(self, name))
+
+
+def _check_tokens(config: MaskConfig) -> None:
+    """Validate (and normalise to tuples) the token fields of ``config``."""
+    if not config.tokens:
+        return
+    layers = config.token_layers
+    if layers is None:
+        raise ValueError("tokens=True needs token_layers=[...]: the indices of the layers after which tokens "
+                         "are pruned (e.g. [3] for after the fourth layer)")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not layers or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"token_layers must be a non-empty list of layer indices >= 0; got {config.token_layers!r}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"token_layers must be strictly increasing; got {list(layers)}")
+    ratio = config.token_keep_ratio
+    ratios = tuple(ratio) if isinstance(ratio, (list, tuple)) else (ratio,)
+    if not ratios or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r <= 1.0
+                             for r in ratios):
+        raise ValueError(f"token_keep_ratio must be a fraction in (0, 1] (or a list of them); got {ratio!r}")
+    if isinstance(ratio, (list, tuple)):
+        if len(ratios) != len(layers):
+            raise ValueError(f"token_keep_ratio has {len(ratios)} entries; expected one per token layer "
+                             f"({len(layers)}: {list(layers)})")
+        if any(b > a for a, b in zip(ratios, ratios[1:])):
+            raise ValueError(f"token_keep_ratio must not increase from one pruning layer to the next (a token "
+                             f"closed stays closed); got {list(ratios)}")
+        ratio = tuple(float(r) for r in ratios)
+    else:
+        ratio = float(ratio)
+    if not isinstance(config.token_gate, str):
+        raise ValueError(f"token_gate must be a registered gate kind name; got {config.token_gate!r}")
+    object.__setattr__(config, "token_layers", tuple(layers))
+    object.__setattr__(config, "token_keep_ratio", ratio)
+    object.__setattr__(config, "token_gate_options", dict(config.token_gate_options))
 
 
 def _names_per_layer(field: str, value: Any, sizes: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:

@@ -19,14 +19,20 @@ from torch import Tensor, nn
 from learnmask.gates import Gate
 from learnmask.inject import hf_attention as hf
 from learnmask.inject import hooks as H
+from learnmask.inject import token_hooks as TH
 from learnmask.inject.architectures import LayerSpec
 from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream
 from learnmask.inject.layout import bias_of
+from learnmask.inject.tokens import TOKEN_ARCHS, TokenGates, TokenState
 
 #: The attribute under which a model carries its gates (an ``nn.ModuleDict``).
 GATES_ATTRIBUTE = "learnmask_gates"
+#: The attribute under which a model carries its token gates (a :class:`TokenGates`).
+TOKENS_ATTRIBUTE = "learnmask_tokens"
+#: How the eval pass of a token-gated model applies its decisions (``handle.token_inference``).
+TOKEN_INFERENCE = ("drop", "mask")
 
 
 class _NoNestedTensor:
@@ -59,6 +65,30 @@ def _attention_paths(model: nn.Module, layers: list[LayerSpec], mode: str) -> di
         raise ValueError(f"attention='op': these attention blocks of {type(model).__name__} cannot attend through "
                          f"learnmask's masked-attention op:\n{lines}\nuse attention='auto' to gate them by hooks")
     return paths
+
+
+def _check_token_layers(model: nn.Module, layers: list[LayerSpec], tokens: TokenGates,
+                        paths: dict[str, hf.AttentionPath]) -> None:
+    """Raise ``ValueError`` where the model's tokens cannot be gated as configured."""
+    kind = type(model).__name__
+    if tokens.layers[-1] >= len(layers) - 1:
+        raise ValueError(f"token_layers {list(tokens.layers)}: index {tokens.layers[-1]} is past the model's depth; "
+                         f"{kind} has {len(layers)} layers, so tokens can be pruned after layers 0..{len(layers) - 2} "
+                         "(some layer must run after pruning)")
+    for layer in layers:
+        if layer.arch not in TOKEN_ARCHS:
+            raise ValueError(f"token gates support {', '.join(TOKEN_ARCHS)} layers (BERT, RoBERTa, DistilBERT, "
+                             f"ViT, nn.TransformerEncoderLayer); {layer.name} of {kind} is {layer.arch!r}")
+        if layer.arch == "transformer_encoder_layer":
+            if not layer.module.self_attn.batch_first:
+                raise ValueError(f"token gates need batch_first=True on {layer.name} (nn.TransformerEncoderLayer); "
+                                 "got batch_first=False")
+            continue
+        path = paths.get(layer.name)
+        if path is None or path.path != "op":
+            reason = path.reason if path is not None else "it has no attention block"
+            raise ValueError(f"token gates on {kind} need every layer to attend through learnmask's op "
+                             f"(attention='auto' or 'op'); {layer.name} does not: {reason}")
 
 
 def _check_backend(backend):
@@ -96,12 +126,21 @@ class MaskHandle:
         hidden_stream: where the hidden dimensions live outside the layers (hidden gating only).
         z: gate values of the last forward pass, name -> tensor of the gate's shape; with
             ``capture_grad = True`` each is a leaf whose ``.grad`` after backward is ∂loss/∂z.
+        tokens: the :class:`~learnmask.inject.tokens.TokenGates` (scorers of the pruning
+            layers) with ``tokens=True``, else None; registered on the model as
+            ``learnmask_tokens``.
+        token_state: the :class:`~learnmask.inject.tokens.TokenState` of the last forward pass.
+        token_inference: how eval applies the token decisions: ``"drop"`` (default: the kept
+            tokens are gathered and the later layers run on the shorter sequence) or ``"mask"``
+            (the same hard decisions as the op's ``token_gate``, tokens left in place).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], gates: dict[str, Gate],
-                 config: MaskConfig, hidden_stream: HiddenStream | None, register: bool) -> None:
+                 config: MaskConfig, hidden_stream: HiddenStream | None, register: bool,
+                 tokens: TokenGates | None = None) -> None:
         self.model, self.layers, self.config, self.hidden_stream = model, layers, config, hidden_stream
         self.gates = nn.ModuleDict(gates)
+        self.tokens, self.token_state, self._token_inference = tokens, TokenState(), "drop"
         self.z: dict[str, Tensor] = {}
         self.capture_grad = False
         self.registered = register
@@ -110,8 +149,12 @@ class MaskHandle:
         self._costs = [layer_costs(layer) for layer in layers]
         self._hooks: list[Any] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
+        if tokens is not None:
+            _check_token_layers(model, layers, tokens, self.attention_paths)
         if register:
             setattr(model, GATES_ATTRIBUTE, self.gates)
+            if tokens is not None:
+                setattr(model, TOKENS_ATTRIBUTE, tokens)
         self._attach()
 
     def __deepcopy__(self, memo: dict) -> MaskHandle:
@@ -120,7 +163,10 @@ class MaskHandle:
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         for key, value in self.__dict__.items():
-            twin.__dict__[key] = {} if key == "z" else copy.deepcopy(value, memo)
+            if key in ("z", "token_state"):  # the last pass's values: not graph leaves
+                twin.__dict__[key] = {} if key == "z" else TokenState()
+            else:
+                twin.__dict__[key] = copy.deepcopy(value, memo)
         return twin
 
     # -- attaching -------------------------------------------------------------------------
@@ -154,8 +200,24 @@ class MaskHandle:
         if "hidden" in on:
             for norm in self.hidden_stream.norms:
                 self._hooks.append(norm.register_forward_hook(H.NormOverKept(self, "hidden")))
+        if self.tokens is not None:
+            self._attach_tokens()
         if routes:
             self._hooks.append(hf.Switch(routes, hf.configs_of(self.model, list(routes))))
+
+    def _attach_tokens(self) -> None:
+        """Scoring hooks on the pruning layers; key-padding hooks on encoder layers after them
+        (Hugging Face layers get theirs through their routes)."""
+        first = self.tokens.layers[0]
+        for row, layer in enumerate(self.layers):
+            encoder = layer.arch == "transformer_encoder_layer"
+            stage = self.tokens.stage_of(row)
+            if stage is not None:
+                hook = TH.PruneTokens(self, row, stage, "src_key_padding_mask" if encoder else None)
+                self._hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            if encoder and row > first:
+                hook = TH.EncoderLayerTokens(self, "tokens", row)
+                self._hooks.append(layer.module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _pre(self, module: nn.Module, hook: H.LearnmaskHook) -> None:
         self._hooks.append(module.register_forward_pre_hook(hook))
@@ -173,6 +235,10 @@ class MaskHandle:
             if self.capture_grad:
                 z = z.detach().requires_grad_(True)
             self.z[name] = z
+
+    def reset_tokens(self) -> None:
+        """Forget the token decisions of the last pass (at the start of each forward)."""
+        self.token_state = TokenState()
 
     def current(self, name: str) -> Tensor:
         """Gate values of ``name`` for the current pass (sampled now if none yet)."""
@@ -200,14 +266,34 @@ class MaskHandle:
         self.gates[name] = gate
         self.z.pop(name, None)
 
+    def _gate_modules(self) -> list[nn.Module]:
+        return [self.gates] + ([self.tokens] if self.tokens is not None else [])
+
     def gate_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable gate parameters (``log_alpha`` of each learnable gate)."""
-        return (p for p in self.gates.parameters() if p.requires_grad)
+        """Trainable gate parameters (``log_alpha`` of each learnable gate; the token scorers'
+        weights with ``tokens``)."""
+        return (p for m in self._gate_modules() for p in m.parameters() if p.requires_grad)
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the model that are not gate parameters."""
-        own = {id(p) for p in self.gates.parameters()}
+        own = {id(p) for m in self._gate_modules() for p in m.parameters()}
         return (p for p in self.model.parameters() if id(p) not in own)
+
+    @property
+    def token_inference(self) -> str:
+        """``"drop"`` or ``"mask"``: how eval applies the token decisions (see the class)."""
+        return self._token_inference
+
+    @token_inference.setter
+    def token_inference(self, mode: str) -> None:
+        if mode not in TOKEN_INFERENCE:
+            raise ValueError(f"token_inference must be one of {list(TOKEN_INFERENCE)}; got {mode!r}")
+        self._token_inference = mode
+
+    def token_masks(self) -> list[Tensor]:
+        """Per pruning layer, ``(B, S0)`` bool tokens of the last forward's input kept after it
+        (S0: the input's length; training: keep value > 0)."""
+        return list(self.token_state.kept)
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -252,9 +338,27 @@ class MaskHandle:
         Raises:
             ValueError: ``name`` is not gated.
         """
+        if name == "tokens" and self.tokens is not None:
+            return 1.0 - self.token_state.expected_keep_ratio()
         if name not in self.gates:
-            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gates)}")
+            raise ValueError(f"no {name!r} gate on this model; gated: {', '.join(self.gated_names)}")
         return 1.0 - self.gates[name].keep_ratio()
+
+    def expected_keep_ratio(self, name: str = "heads") -> Tensor:
+        """``()`` ``1 - expected_unit_sparsity(name)``: the expected fraction of units kept, in
+        [0, 1], differentiable. For ``"tokens"``: of the last forward pass, the mean over its
+        pruning layers and examples of the expected fraction of real tokens kept (CLS counted
+        kept, padding never); a controller drives it to ``handle.tokens.target_keep_ratio``.
+
+        Raises:
+            ValueError: ``name`` is not gated; for tokens, no forward pass yet.
+        """
+        return 1.0 - self.expected_unit_sparsity(name)
+
+    @property
+    def gated_names(self) -> tuple[str, ...]:
+        """Every granularity gated: the unit gates' names, then ``"tokens"`` with token gates."""
+        return (*self.gates, *(("tokens",) if self.tokens is not None else ()))
 
     @property
     def backend(self):
@@ -344,9 +448,26 @@ class MaskHandle:
 
         return finalize(self, inplace=inplace)
 
+    def export_token_pruning(self, *, inplace: bool = False) -> nn.Module:
+        """The plain model that drops tokens at inference without learnmask's hooks or attention
+        function: :func:`learnmask.export.finalize` of this token-gated handle (heads, FFN units
+        and blocks gated with it are pruned too; see
+        :class:`learnmask.export.tokens.TokenDroppingLayers`).
+
+        Raises:
+            ValueError: this handle gates no tokens (use :meth:`finalize`), or what
+                :func:`~learnmask.export.finalize` raises.
+        """
+        if self.tokens is None:
+            raise ValueError(f"no token gates on this model (gated: {', '.join(self.gated_names)}); "
+                             "apply_masks with tokens=True, or use finalize()")
+        return self.finalize(inplace=inplace)
+
     def remove(self) -> None:
         """Take every hook, parametrization, route and gate off; the model is then bit-identical
         (its attention implementation switched back)."""
         self.detach()
         if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
             delattr(self.model, GATES_ATTRIBUTE)
+        if self.tokens is not None and getattr(self.model, TOKENS_ATTRIBUTE, None) is self.tokens:
+            delattr(self.model, TOKENS_ATTRIBUTE)

@@ -81,6 +81,25 @@ class Route:
             return None
         return self.handle.current("heads")[self.row]
 
+    def token_inputs(self, mask, batch: int, kv_len: int, device) -> tuple[Any, Tensor | None]:
+        """``(mask, token_gate)`` for this module under the handle's token gates.
+
+        Up to the first pruning layer: the model's mask, no gate (the real tokens are read off
+        the mask here). After it: the model's mask and the keep values ``(B, K)`` as
+        ``token_gate`` (training, ``"mask"`` mode), or, once the tokens are gathered
+        (``"drop"``), a padding mask of the gathered length ``K`` and no gate.
+        """
+        tokens = self.handle.tokens
+        if tokens is None:
+            return mask, None
+        state = self.handle.token_state
+        if self.row <= tokens.layers[0]:
+            state.observe(real_keys(mask, batch, kv_len, device))
+            return mask, None
+        if state.dropped:
+            return (None if bool(state.valid.all()) else am.padding(state.valid)), None
+        return mask, state.keep
+
 
 def _transformers_interfaces():
     """``(AttentionInterface, AttentionMaskInterface)`` of the installed transformers, or a reason."""
@@ -236,6 +255,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     options: dict[str, Any] = {"scale": scaling, "dropout_p": float(dropout)}
     if route is not None:
         options.update(head_gate=route.head_gate(), backend=route.handle.backend)
+        mask, options["token_gate"] = route.token_inputs(mask, query.shape[0], key.shape[2], query.device)
     out = masked_attention(query, key, value, mask=mask, **options)
     return rearrange(out, "b h s d -> b s h d").contiguous(), None
 
@@ -302,6 +322,20 @@ def _window_of(fn: Callable) -> int | None:
         return None
     value = fn.__closure__[0].cell_contents
     return value if isinstance(value, int) and value >= 1 else None
+
+
+def real_keys(mask, batch: int, kv_len: int, device) -> Tensor:
+    """``(B, K)`` bool keys the first query may attend to (for a bidirectional encoder's mask:
+    the real tokens); all True without a mask."""
+    if mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    if isinstance(mask, am.AttentionMask):
+        keep = mask.keep(batch, 1, 1, kv_len, device=device)
+    elif mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask > torch.finfo(mask.dtype).min / 2
+    return keep[:, 0, 0, :].expand(batch, kv_len)
 
 
 def _nonzero(offset) -> bool:

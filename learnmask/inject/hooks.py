@@ -34,7 +34,11 @@ class SampleGates(LearnmaskHook):
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not self.handle.registered:  # gates kept off the model do not see model.eval()
             self.handle.gates.train(module.training)
+            if self.handle.tokens is not None:
+                self.handle.tokens.train(module.training)
         self.handle.sample()
+        if self.handle.tokens is not None:
+            self.handle.reset_tokens()
 
 
 class ScaleInputUnits(LearnmaskHook):

@@ -4,7 +4,8 @@ its classes). It returns a :class:`~learnmask.inject.handle.MaskHandle`.
 
 Legend: ``L`` layers, ``H`` heads per layer, ``I`` FFN units per layer, ``d`` hidden size.
 Gate shapes: heads ``(L, H)``, ffn ``(L, I)``, hidden ``(d,)``, attention_blocks and
-ffn_blocks ``(L,)``.
+ffn_blocks ``(L,)``. Token gates (``tokens=True``) have no fixed shape: their scorers give
+``(B, S)`` keep values per forward pass (see :mod:`learnmask.inject.tokens`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from learnmask.inject.config import MaskConfig
 from learnmask.inject.custom import custom_layers
 from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
 from learnmask.inject.hidden import find_hidden_stream
+from learnmask.inject.tokens import TokenGates
 
 __all__ = ["apply_masks"]
 
@@ -64,7 +66,11 @@ def _gate_shapes(model: nn.Module, layers: list[LayerSpec], config: MaskConfig) 
 def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None = None, *,
                 gates: Mapping[str, Gate] | None = None, register: bool | None = None,
                 **options: Any) -> MaskHandle:
-    """Attach gates to the heads, FFN units, hidden dimensions and/or blocks of ``model``.
+    """Attach gates to the heads, FFN units, hidden dimensions and/or blocks of ``model``, and/or
+    token gates (``tokens=True``, ``token_layers=[...]``, ``token_keep_ratio=r``; pass
+    ``heads=False`` for tokens alone) on BERT/RoBERTa/DistilBERT/ViT and
+    ``nn.TransformerEncoderLayer`` stacks (DynamicViT, Rao et al. 2021; LTP, Kim et al. 2022;
+    PoWER-BERT, Goyal et al. 2020; see :mod:`learnmask.inject.tokens`).
 
     Args:
         model: a supported architecture (``architectures.SUPPORTED``) or, with
@@ -87,8 +93,11 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
 
     Raises:
         ValueError: unknown config key or gate kind, unknown architecture (the message says what
-            to pass), a gate whose shape is not the unit count, layers of unequal sizes, a model
-            that already carries learnmask gates, ``attention="op"`` where a block cannot attend
+            to pass), token gates on an architecture they do not support, a token layer index
+            past the model's depth (``token_layers`` must leave a layer after the last), token
+            gates where a Hugging Face layer cannot attend through the op, a gate whose shape is
+            not the unit count, layers of unequal sizes, a model that already carries learnmask
+            gates, ``attention="op"`` where a block cannot attend
             through the op (each reason named), or an unknown backend name.
         TypeError: a ready-made gate that is not a :class:`~learnmask.gates.Gate`.
     """
@@ -122,4 +131,11 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
         gate.train(model.training)
     if register is None:
         register = not isinstance(model, nn.Sequential)
-    return MaskHandle(model, layers, built, config, hidden, register)
+    tokens = None
+    if config.tokens:
+        tokens = TokenGates(layers[0].hidden_size, config.token_layers, config.token_keep_ratio, config.token_gate,
+                            config.token_gate_options)
+        if parameter is not None:
+            tokens.to(device=parameter.device, dtype=parameter.dtype)
+        tokens.train(model.training)
+    return MaskHandle(model, layers, built, config, hidden, register, tokens)

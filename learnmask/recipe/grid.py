@@ -12,7 +12,7 @@ import tomllib
 from importlib.resources.abc import Traversable
 from typing import Any
 
-from learnmask.recipe.registry import get_recipe
+from learnmask.recipe.registry import get_recipe, recipe_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ GOAL_FORMS = (
     {"description", "row", "target", "versus", "versus_target", "min_difference"},
     {"description", "row", "target", "versus", "versus_target", "max_difference"},
     {"description", "row", "target", "max"},
+    {"description", "row", "target", "min"},
 )
 
 
@@ -175,11 +176,12 @@ def load_grid(path: str | os.PathLike | Traversable) -> GridConfig:
         columns=tuple(data.get("columns", [])), recipe=data.get("recipe", "classify"),
     )
     try:
-        get_recipe(grid.recipe)
+        recipe = get_recipe(grid.recipe)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    if grid.recipe != "classify" and grid.goals:
-        raise ValueError(f"{path}: [[goals]] are supported for classification grids only, not recipe {grid.recipe!r}")
+    if grid.goals and not recipe.goals:
+        raise ValueError(f"{path}: [[goals]] are not checked by the tables of recipe {grid.recipe!r}; recipes that "
+                         f"check them: {[name for name in recipe_names() if get_recipe(name).goals]}")
     grid.cells(full=True)  # validates every setting now, not an hour into the run
     _check_title(path, grid)
     return grid

@@ -39,6 +39,8 @@ class Recipe:
             writes ``<out_stem>.md`` and ``.tex`` and returns the rows (ValueError: no results).
         figure: ``"module:function"``: ``plot(records, path, *, title) -> bool`` (False: nothing
             to draw, or matplotlib missing).
+        goals: whether its tables check a grid's ``[[goals]]``
+            (:func:`learnmask.recipe.table.check_goals`); a grid with goals needs it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Recipe:
     fit: str
     tables: str
     figure: str
+    goals: bool = False
 
     def config_class(self) -> type:
         """The run-config class."""
@@ -96,9 +99,13 @@ def recipe_names() -> list[str]:
 
 
 register_recipe(Recipe("classify", "learnmask.recipe.config:RunConfig", "learnmask.recipe.train:fit",
-                       "learnmask.recipe.table:write_tables", "learnmask.recipe.figures:plot_trajectories"))
+                       "learnmask.recipe.table:write_tables", "learnmask.recipe.figures:plot_trajectories",
+                       goals=True))
 register_recipe(Recipe("mlm", "learnmask.recipe.mlm_config:MLMRunConfig", "learnmask.recipe.mlm:fit_mlm",
                        "learnmask.recipe.mlm_table:write_mlm_tables", "learnmask.recipe.mlm_table:plot_rates"))
+register_recipe(Recipe("tokens", "learnmask.recipe.token_config:TokenRunConfig", "learnmask.recipe.tokens:fit_tokens",
+                       "learnmask.recipe.token_table:write_token_tables",
+                       "learnmask.recipe.token_table:plot_accuracy_vs_speed", goals=True))
 
 
 def grids_folder() -> Traversable:

@@ -103,12 +103,14 @@ def _goal_line(goal: dict[str, Any], index: dict) -> str:
     metric = goal.get("metric", "accuracy")
     unit = " points" if metric == "accuracy" else ""
     a = index.get((goal["row"], goal["target"]))
-    if "max" in goal:  # every run of one row
+    if "max" in goal or "min" in goal:  # every run of one row
         if a is None or not a.values(metric):
             return f"- {goal['description']}: not measured (no results)"
-        worst = max(a.values(metric))
-        verdict = "met" if worst <= goal["max"] else "MISSED"
-        return f"- {goal['description']}: worst run {worst:.4g} (goal ≤ {goal['max']:g}): {verdict}"
+        if "max" in goal:
+            worst, ok, bound = max(a.values(metric)), max(a.values(metric)) <= goal["max"], f"≤ {goal['max']:g}"
+        else:
+            worst, ok, bound = min(a.values(metric)), min(a.values(metric)) >= goal["min"], f"≥ {goal['min']:g}"
+        return f"- {goal['description']}: worst run {worst:.4g} (goal {bound}): {'met' if ok else 'MISSED'}"
     b = index.get((goal["versus"], goal["versus_target"]))
     if a is None or b is None or not a.values(metric) or not b.values(metric):
         return f"- {goal['description']}: not measured (no results for both rows)"
@@ -125,8 +127,8 @@ def check_goals(goals: list[dict[str, Any]], summaries: list[Summary]) -> list[s
     """One line per goal, met or MISSED (or not measured when its rows have no results).
 
     A goal has ``description``, ``row``, ``target``, an optional ``metric`` (default
-    ``accuracy``, in percentage points), and either ``max`` (every run of the row has
-    ``metric <= max``) or ``versus``, ``versus_target`` and ``min_difference`` /
+    ``accuracy``, in percentage points), and either ``max`` / ``min`` (every run of the row has
+    ``metric <= max`` / ``metric >= min``) or ``versus``, ``versus_target`` and ``min_difference`` /
     ``max_difference`` (mean of the row minus mean of the other row, bounded below / above).
     """
     index = {(s.row, s.target): s for s in summaries}

@@ -1,0 +1,276 @@
+"""The token-pruning recipe (``recipe = "tokens"``, ``learnmask reproduce tokens``): one run of
+:class:`~learnmask.recipe.token_config.TokenRunConfig` on the shared loop.
+
+A ``full`` run trains the task's model with every token (MiniLM fine-tuned, or the ViT from
+scratch) and caches its weights. A pruned run starts from those weights (running its ``full``
+twin first when the cache lacks them), attaches token gates after the task's pruning layers
+(:func:`learnmask.apply_masks` with ``tokens=True``) and trains ``prune_epochs`` more while the
+keep ratio moves from 1 to its target over ``keep_warmup`` of the steps:
+
+- ``gates``: hard-concrete gates on learned scorers; a Lagrangian controller drives the expected
+  keep ratio to the moving target (``tokens.sparsity_target``);
+- ``gates_adaptive``: the same, but a :class:`~learnmask.control.LossAdaptiveController` moves
+  the target from the task loss within ``[keep_ratio, 1]`` (harder while the loss falls), and
+  the target is pinned to ``keep_ratio`` after the warm-up;
+- ``random`` / ``attention``: fixed scorers (:mod:`learnmask.recipe.token_baselines`) with the
+  ``topk`` kind, so training already keeps exactly the tokens eval keeps.
+
+Then: held-out accuracy with tokens dropped, the realized keep ratio, the export
+(:meth:`~learnmask.inject.MaskHandle.export_token_pruning`, checked to predict as the gated
+model does), FLOPs and measured throughput (:mod:`learnmask.recipe.token_measure`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+from learnmask.control import LagrangianController, LossAdaptiveController, control_metrics
+from learnmask.gates import param_groups
+from learnmask.inject import MaskHandle, apply_masks
+from learnmask.io import atomic_torch_save, exclusive, load_torch_file
+from learnmask.recipe import token_measure as measure
+from learnmask.recipe.loop import Progress, TrainingLoop, warmup_linear_decay
+from learnmask.recipe.token_config import TokenRunConfig
+from learnmask.recipe.token_tasks import Examples, TaskData, load_task, logits_of, token_layers
+
+logger = logging.getLogger(__name__)
+#: Examples whose kept tokens per pruning layer are recorded (for pictures).
+PICTURED_EXAMPLES = 4
+
+
+def attach_tokens(cfg: TokenRunConfig, model: torch.nn.Module) -> MaskHandle:
+    """Token gates on ``model`` as ``cfg.method`` says (see the module)."""
+    from learnmask.inject.architectures import find_layers
+    from learnmask.recipe.token_baselines import AttentionReceivedScorer, RandomScorer
+
+    learned = cfg.method in ("gates", "gates_adaptive")
+    layers = token_layers(cfg)
+    options = {"init_log_alpha": cfg.gate_init_log_alpha} if learned else {}
+    handle = apply_masks(model, heads=False, tokens=True, token_layers=list(layers), token_keep_ratio=cfg.keep_ratio,
+                         token_gate="hard_concrete" if learned else "topk", token_gate_options=options)
+    if cfg.method == "random":
+        for stage in range(len(layers)):
+            handle.tokens.scorers[stage] = RandomScorer(cfg.seed * 1000 + stage)
+    elif cfg.method == "attention":
+        specs = find_layers(model)
+        for stage, row in enumerate(layers):
+            handle.tokens.scorers[stage] = AttentionReceivedScorer(specs[row + 1])
+    return handle
+
+
+class TokenTask:
+    """The shared loop's task: shuffled batches, cross-entropy, and (pruned runs) the keep ratio
+    schedule and the controllers.
+
+    Args:
+        total_steps: optimizer steps; the keep ratio reaches ``cfg.keep_ratio`` after
+            ``keep_warmup`` of them.
+    """
+
+    log_every = 10
+
+    def __init__(self, cfg: TokenRunConfig, model: torch.nn.Module, handle: MaskHandle | None, train: Examples,
+                 epochs: int):
+        self.cfg, self.model, self.handle, self.train, self.epochs = cfg, model, handle, train, epochs
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.total_steps = epochs * self.steps_per_epoch
+        self.ramp_steps = int(cfg.keep_warmup * self.total_steps)
+        self.controller = self.adaptive = None
+        self.expected_history: list[float] = []  # expected keep ratio and its target, every step
+        self.target_history: list[float] = []
+        self.adaptive_keep_at_pin: float | None = None
+        if handle is None:
+            return
+        if cfg.method in ("gates", "gates_adaptive"):
+            self.controller = LagrangianController(handle.tokens.sparsity_target, lr=cfg.controller_lr,
+                                                   damping=cfg.controller_damping)
+        if cfg.method == "gates_adaptive":
+            step = cfg.adaptive_max_step or min(1.0, 2 * (1 - cfg.keep_ratio) / max(1, self.ramp_steps))
+            self.adaptive = LossAdaptiveController(1.0, r_min=cfg.keep_ratio, r_max=1.0, harder="down", max_step=step)
+        handle.tokens.keep_ratio = self.keep_at(0)
+
+    def keep_at(self, step: int) -> float:
+        """Target keep ratio at ``step`` (linear from 1 over the warm-up; the loss-adaptive
+        controller's value during the warm-up of that row)."""
+        if step >= self.ramp_steps:
+            return self.cfg.keep_ratio
+        if self.adaptive is not None:
+            return self.adaptive.ratio
+        return 1.0 - (1.0 - self.cfg.keep_ratio) * (step + 1) / self.ramp_steps
+
+    def batches(self, start: int):
+        for epoch in range(start // self.steps_per_epoch, self.epochs):
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            order = torch.randperm(len(self.train), generator=generator).tolist()
+            skip = max(0, start - epoch * self.steps_per_epoch)
+            for index in range(skip, self.steps_per_epoch):
+                yield self.train.batch(order[index * self.cfg.batch_size : (index + 1) * self.cfg.batch_size])
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, float]:
+        if self.handle is not None:
+            if step == self.ramp_steps and self.adaptive is not None:
+                self.adaptive_keep_at_pin = self.adaptive.ratio
+            self.handle.tokens.keep_ratio = self.keep_at(step)
+        labels = batch.pop("labels")
+        loss = F.cross_entropy(self.model(**batch).logits, labels)
+        if self.handle is None:
+            return loss, loss.item()
+        expected = self.handle.expected_keep_ratio("tokens")
+        self.expected_history.append(expected.item())
+        self.target_history.append(self.handle.tokens.target_keep_ratio)
+        if self.controller is None:
+            return loss, loss.item()
+        return loss + self.controller.penalty(1.0 - expected), loss.item()
+
+    def after_step(self, step: int, task_loss: float, skipped: bool) -> None:
+        if self.controller is not None and not skipped:
+            self.controller.step()
+        if self.adaptive is not None and step < self.ramp_steps and not skipped:
+            self.adaptive.update(task_loss)
+
+    def log(self, writer, step: int) -> None:
+        if self.expected_history:
+            writer.add_scalar("tokens/expected_keep_ratio", self.expected_history[-1], step)
+            writer.add_scalar("tokens/target_keep_ratio", self.target_history[-1], step)
+
+    def checkpoint_due(self, steps_done: int) -> bool:
+        return steps_done % self.steps_per_epoch == 0
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict() if self.controller else None,
+                "adaptive": self.adaptive.state_dict() if self.adaptive else None,
+                "history": [list(self.expected_history), list(self.target_history)],
+                "adaptive_keep_at_pin": self.adaptive_keep_at_pin}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
+        self.expected_history, self.target_history = (list(h) for h in state["history"])
+        self.adaptive_keep_at_pin = state["adaptive_keep_at_pin"]
+
+    def control(self) -> dict:
+        """How the training-time expected keep ratio tracked its target (``control_*``), over the
+        steps after the warm-up, and about 100 points of the trajectory."""
+        if not self.expected_history:
+            return {}
+        after = slice(self.ramp_steps, None) if self.ramp_steps < len(self.expected_history) else slice(None)
+        metrics = {f"control_{k}": v for k, v in
+                   control_metrics(self.expected_history[after], self.target_history[after]).items()}
+        every = max(1, len(self.expected_history) // 100)
+        metrics["trajectory"] = {"every": every, "keep": [round(x, 5) for x in self.expected_history[::every]],
+                                 "target": [round(x, 5) for x in self.target_history[::every]]}
+        if self.adaptive is not None:
+            metrics["adaptive_keep_at_pin"] = self.adaptive_keep_at_pin
+        return metrics
+
+
+def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path) -> TrainingLoop:
+    groups = param_groups(task.model, lr=cfg.lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
+    base = lambda step: warmup_linear_decay(step, 0, task.total_steps, cfg.warmup_ratio)  # noqa: E731
+    lambdas = [base] + [lambda _: 1.0] * (len(groups) - 1)
+    return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=cfg.key())
+
+
+def dense_weights(cfg: TokenRunConfig, cache_dir: pathlib.Path, progress: Progress | None = None) -> dict:
+    """Trained weights of ``cfg``'s ``full`` twin, from ``cache_dir`` or by running it now (one
+    process at a time)."""
+    twin = cfg.dense_twin()
+    path = pathlib.Path(cache_dir) / f"dense-{twin.key()}.pt"
+    with exclusive(path):
+        if not path.exists():
+            fit_tokens(twin, pathlib.Path(cache_dir) / f"run-{twin.key()}", cache_dir=cache_dir, progress=progress)
+    return load_torch_file(path, what="dense-weights cache")
+
+
+def _pictured(handle: MaskHandle, data: Examples) -> list[list[list[int]]]:
+    """Per pictured example, per pruning layer, the kept token positions (eval decisions)."""
+    batch = data.batch(list(range(min(PICTURED_EXAMPLES, len(data)))), labels=False)
+    with torch.no_grad():
+        handle.model.eval()
+        handle.model(**batch)
+    masks = handle.token_masks()
+    return [[mask[row].nonzero().flatten().tolist() for mask in masks] for row in range(masks[0].shape[0])]
+
+
+def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> dict:
+    """Accuracy, realized keep ratio, FLOPs, the export's check and throughput (see the module)."""
+    model, test = data.model, data.test
+    labels = test.labels
+    if handle is None:
+        logits = logits_of(model, test)
+        speed = measure.throughput({"full": model, "export": model}, test)
+        return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "realized_keep_ratio": 1.0,
+                "realized_keep_per_layer": [], "keep_ratio_error": 0.0, "flop_reduction": 0.0,
+                "flop_reduction_after_first": 0.0, **measure.speed_metrics(speed, 0.0)}
+    logits, kept = measure.gated_eval(model, handle, test)
+    pictured = _pictured(handle, test)
+    exported = handle.export_token_pruning()
+    exported_logits = logits_of(exported, test)
+    checked = measure.check_export(logits, exported_logits)
+    ratios, layers = handle.tokens.ratios, handle.tokens.layers
+    handle.remove()  # the same network with every token: the keep-1.0 reference it is timed against
+    config = model.config
+    flops = measure.flop_reduction(test.real_tokens(), ratios, layers, config.num_hidden_layers, config.hidden_size,
+                                   config.intermediate_size)
+    speed = measure.throughput({"full": model, "export": exported}, test)
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "export_accuracy": float((exported_logits.argmax(-1) == labels).float().mean()), **checked,
+            "realized_keep_ratio": kept[-1], "realized_keep_per_layer": kept,
+            "keep_ratio_error": abs(kept[-1] - cfg.keep_ratio), "token_layers": list(layers),
+            "kept_tokens_pictured": pictured, **flops, **measure.speed_metrics(speed, flops["flop_reduction"])}
+
+
+def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path,
+               progress: Progress | None = None, record=None) -> dict:
+    """Run one config end to end and return its metrics (the recipe's ``fit``; see
+    :class:`~learnmask.recipe.registry.Recipe`).
+
+    Returns:
+        dict with ``accuracy`` (held-out, tokens dropped, in [0, 1]), ``realized_keep_ratio``
+        (mean fraction of real tokens kept after the last pruning layer) and
+        ``realized_keep_per_layer``, ``keep_ratio_error`` (its distance to ``keep_ratio``),
+        ``flop_reduction`` and ``flop_reduction_after_first``, ``relative_throughput_b1`` /
+        ``_b64`` (export over keep 1.0, examples/s), ``time_saved_b1`` / ``_b64``,
+        ``time_saved_over_flops_b64``, ``throughput`` (absolute numbers), ``export_accuracy``
+        and ``export_max_logit_diff``, ``control_*`` (training-time expected keep ratio vs
+        target after the warm-up), ``trajectory``, ``kept_tokens_pictured``, ``epochs``,
+        ``train_seconds``.
+
+    Raises:
+        FileNotFoundError: data or model not installed (the message says how to install them).
+        ValueError: from the config, loaders or checkpoint; a diverged run
+            (:class:`~learnmask.recipe.loop.TrainingDiverged`); an export that predicts otherwise
+            (:class:`~learnmask.recipe.measure.FinalizeMismatch`).
+    """
+    run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_task(cfg)
+    handle = None
+    if cfg.method != "full":
+        data.model.load_state_dict(dense_weights(cfg, cache_dir, progress))
+        handle = attach_tokens(cfg, data.model)
+    train = data.train if cfg.method == "full" else data.train.head(cfg.prune_examples)
+    epochs = cfg.epochs if cfg.method == "full" else cfg.prune_epochs
+    task = TokenTask(cfg, data.model, handle, train, epochs)
+    loop = _optimizer(cfg, task, run_dir)
+    try:
+        loop.run(progress)
+        metrics = {"train_seconds": round(loop.seconds(), 1), "skipped_steps": loop.skipped, "epochs": epochs,
+                   **task.control()}
+        metrics.update(evaluate(cfg, data, handle))
+        if cfg.method == "full":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(data.model.state_dict(), cache_dir / f"dense-{cfg.key()}.pt")
+        if record is not None:
+            record(metrics)
+    except BaseException:
+        loop.close()
+        raise
+    loop.finish()
+    return metrics
