@@ -62,7 +62,7 @@ def test_missing_files_and_names_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="TREC-6 file not found at .*nope.txt"):
         load_trec(str(tmp_path / "nope.txt"))
     with pytest.raises(ValueError,
-                       match=r"unknown dataset 'imdb'; expected one of \['rotten_tomatoes', 'trec6', 'file'\]"):
+                       match=r"unknown dataset 'imdb'; expected one of \['bbcnews', 'rotten_tomatoes', 'trec6', 'file'\]"):
         load_dataset("imdb")
     with pytest.raises(ValueError, match="needs a path"):
         load_dataset("file")
