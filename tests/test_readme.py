@@ -119,3 +119,33 @@ def test_readme_custom_model_example_prunes_heads_and_units():
         assert (small(x) - gated).abs().max().item() <= 1e-5
     assert [b.attn.num_heads for b in small.blocks] == [2, 3] and small.blocks[0].attn.q.out_features == 8
     assert small.blocks[0].mlp.fc1.out_features == 25  # log_alpha <= -2.398 closes a unit: 7 of 32
+
+
+def test_readme_token_gate_example_trains_the_scorers_and_finalizes_to_the_same_outputs():
+    """The token example on a tiny BERT with padded batches: the controller acted, the scorers
+    moved, and the finalized model (no learnmask hook) gives the gated model's eval logits while
+    its later layer sees half the real tokens."""
+    torch.manual_seed(0)
+    model = tiny_bert(num_labels=2, layers=3, heads=4)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    batches = [{"input_ids": torch.randint(5, 100, (4, 10)), "attention_mask": mask,
+                "labels": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
+    code = _block("tokens=True")
+    namespace = {"model": model, "batches": batches, "print": lambda *a: None}
+    exec(compile(code, "README.md", "exec"), namespace)
+    handle, fast, controller = namespace["handle"], namespace["fast"], namespace["controller"]
+    assert controller.step_count == 3
+    scorer = handle.tokens.scorers[0]
+    assert not torch.equal(scorer.norm.weight, torch.ones_like(scorer.norm.weight))  # starts at 1: it trained
+    seen = []
+    layer = model.bert.encoder.layer[2]
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        gated = model(input_ids=batches[0]["input_ids"], attention_mask=mask).logits
+    hook.remove()
+    assert seen == [5]  # round(0.5 * 10) tokens for the longest example, gathered
+    with torch.no_grad():
+        exported = fast(input_ids=batches[0]["input_ids"], attention_mask=mask).logits
+    assert (exported - gated).abs().max().item() <= 1e-5
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in fast.modules())
