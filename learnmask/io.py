@@ -151,14 +151,17 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any
         raise
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         detail = str(error)
-        if "Unsupported global" in detail:
-            found = detail[detail.index("Unsupported global"):].split(" was not")[0]
-            raise UnsafeFileError(
-                f"{what} {path} was refused: loading it would run code ({found}); learnmask reads only "
-                f"tensors and plain containers (torch.load weights_only=True) and ran nothing from it. "
-                f"{_RESTART}") from None
-        if "WeightsUnpickler error:" in detail:  # skip torch's advice to load it unsafely
-            detail = detail[detail.index("WeightsUnpickler error:") + len("WeightsUnpickler error:"):]
+        if "Weights only load failed" in detail:  # keep the unpickler's reason, not torch's advice to load unsafely
+            if "WeightsUnpickler error:" in detail:
+                detail = detail[detail.index("WeightsUnpickler error:") + len("WeightsUnpickler error:"):]
+            else:  # torch's advice is the first paragraph
+                detail = detail.split("\n\n", 1)[1] if "\n\n" in detail else ""
+            reason = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+            if "global" in reason.lower():  # "Unsupported global: ...", "unsupported GLOBAL posix.system ... blocked"
+                raise UnsafeFileError(
+                    f"{what} {path} was refused: loading it would run code ({reason[:200].rstrip('.')}); learnmask "
+                    f"reads only tensors and plain containers (torch.load weights_only=True) and ran nothing from "
+                    f"it. {_RESTART}") from None
         if _is_raw_pickle(path):
             raise UnsafeFileError(
                 f"{what} {path} was refused: it is a raw pickle stream, not a torch file learnmask wrote (those "

@@ -2,6 +2,7 @@
 cache, the MLM head cache, a saved pruned model, results JSONL) replaced by a crafted pickle whose
 unpickling would create a marker file is refused, and the marker never appears."""
 import json
+import os
 import pathlib
 import pickle
 import re
@@ -25,17 +26,30 @@ class _Payload:
         return pathlib.Path.touch, (self.marker,)
 
 
+class _ShellPayload:
+    """Unpickling this runs a shell command (``os.system``, a global in a module torch's
+    weights-only unpickler blocks outright, with its own wording)."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
 def _crafted(path: pathlib.Path, marker: pathlib.Path, kind: str) -> None:
-    """A file at ``path`` that runs code when unpickled: torch's zip format or a raw pickle."""
-    content = {"key": "x", "step": 1, "model": {}, "head": {}, "metrics": {}, "payload": _Payload(marker)}
+    """A file at ``path`` that runs code when unpickled: torch's zip format (calling a function,
+    or a shell command) or a raw pickle."""
+    payload = _ShellPayload(marker) if kind == "torch-shell" else _Payload(marker)
+    content = {"key": "x", "step": 1, "model": {}, "head": {}, "metrics": {}, "payload": payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "torch":
+    if kind.startswith("torch"):
         torch.save(content, path)
     else:
         path.write_bytes(pickle.dumps(content, protocol=4))
 
 
-KINDS = ["torch", "raw"]
+KINDS = ["torch", "torch-shell", "raw"]
 
 
 @pytest.fixture
@@ -60,7 +74,7 @@ def test_the_crafted_files_do_run_code_when_unpickled(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_torch_file_refuses_a_crafted_file(kind, tmp_path, marker):
     _crafted(tmp_path / "evil.pt", marker, kind)
-    refusal = "loading it would run code" if kind == "torch" else "a raw pickle stream, not a torch file"
+    refusal = "loading it would run code" if kind.startswith("torch") else "a raw pickle stream, not a torch file"
     with pytest.raises(UnsafeFileError, match=rf"checkpoint .*evil.pt was refused: .*{refusal}.*Delete it to restart"):
         load_torch_file(tmp_path / "evil.pt")
 
