@@ -70,3 +70,23 @@ def test_run_a_tiny_config_from_another_folder(elsewhere):
     assert metrics["heads_kept"] == 1 and metrics["parameters"] == metrics["finalized_parameters"]
     assert metrics["speedup"] > 0
     assert len(list((elsewhere / "runs" / "single").glob("run-*/metrics.json"))) == 1
+
+
+def test_a_missing_matplotlib_is_said_once_with_how_to_install_it(monkeypatch, capsys):
+    import builtins
+
+    from learnmask.recipe import figures
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(figures, "_SAID_NO_MATPLOTLIB", False)
+    assert figures.pyplot() is None and figures.pyplot() is None
+    err = capsys.readouterr().err
+    assert err.count("figures not written: matplotlib is not installed") == 1
+    assert "learnmask[figures]" in err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import sys
 
 from learnmask.io import atomic_write_bytes
 
@@ -47,15 +48,24 @@ def plot_trajectories(records: list[dict], path: pathlib.Path, *, title: str) ->
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is missing."""
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is missing
+    (said once, with how to install it: the tables are written without their figure)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        global _SAID_NO_MATPLOTLIB
+        if not _SAID_NO_MATPLOTLIB:
+            _SAID_NO_MATPLOTLIB = True
+            print("learnmask: figures not written: matplotlib is not installed "
+                  "(pip install 'learnmask[figures]' or pip install matplotlib)", file=sys.stderr)
         return None
     return plt
+
+
+_SAID_NO_MATPLOTLIB = False
 
 
 def save_png(figure, path: pathlib.Path) -> None:
