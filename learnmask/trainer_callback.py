@@ -23,7 +23,9 @@ What the callback does, at each point of the ``Trainer``'s loop:
   its gradient clipping): steps the gate optimizer (under ``torch.distributed``, on gate
   gradients averaged over the ranks first).
 - ``on_step_end``: ``controller.step()``, once per optimizer step.
-- ``on_log``: adds the expected sparsity and the controller's numbers to the logs.
+- ``on_log``: adds the expected sparsity and the controller's numbers to the logs and to
+  ``state.log_history`` (reporting callbacks the Trainer runs before this one, TensorBoard
+  included, do not see them: log them from ``handle``/``controller`` where that matters).
 - ``on_save``: writes the gate optimizer's and the controller's state next to the checkpoint
   (``learnmask_gates_optimizer.pt``, ``learnmask_controller.json``; the gates are model
   parameters, saved with the model).
@@ -127,11 +129,15 @@ class GateCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        logs["learnmask/expected_sparsity"] = float(self.expected_sparsity().detach())
+        ours = {"learnmask/expected_sparsity": float(self.expected_sparsity().detach())}
         if self.controller is not None:
             for name, value in self.controller.last_metrics().items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    logs[f"learnmask/{name}"] = float(value)
+                    ours[f"learnmask/{name}"] = float(value)
+        logs.update(ours)
+        # the Trainer appended a copy of ``logs`` to its history before calling the callbacks
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(ours)
 
     def on_save(self, args, state, control, **kwargs):
         folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -113,3 +113,18 @@ def test_bad_arguments_are_clear_errors():
         lm.GateCallback(handle, sparsity="ffn")
     with pytest.raises(ValueError, match="gate_lr must be a positive finite number"):
         lm.GateCallback(handle, gate_lr=float("nan"))
+
+
+def test_the_expected_sparsity_and_the_controllers_numbers_reach_the_trainers_log_history(tmp_path):
+    model = tiny_bert()
+    handle = lm.apply_masks(model, heads=True)
+    controller = lm.LagrangianController(lm.ConstantTarget(0.5), lr=0.5)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_data(),
+                      callbacks=[lm.GateCallback(handle, controller)])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3]
+    for entry in logged:
+        assert 0.0 <= entry["learnmask/expected_sparsity"] <= 1.0
+        assert entry["learnmask/target"] == 0.5 and "learnmask/lambda_1" in entry
+    assert logged[-1]["learnmask/lambda_1"] == controller.state_dict()["lambda_1"]
