@@ -25,7 +25,7 @@ from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream
 from learnmask.inject.layout import bias_of
-from learnmask.inject.tokens import TOKEN_ARCHS, TokenGates, TokenState
+from learnmask.inject.tokens import TokenGates, TokenState
 
 #: The attribute under which a model carries its gates (an ``nn.ModuleDict``).
 GATES_ATTRIBUTE = "learnmask_gates"
@@ -45,68 +45,6 @@ class _NoNestedTensor:
 
     def remove(self) -> None:
         self.encoder.use_nested_tensor = True
-
-
-def _attention_paths(model: nn.Module, layers: list[LayerSpec], mode: str) -> dict[str, hf.AttentionPath]:
-    """How each layer with an attention block attends (see ``MaskConfig.attention``).
-
-    Raises:
-        ValueError: ``mode == "op"`` and some layer cannot attend through the op (the reasons).
-    """
-    paths = {}
-    for layer in layers:
-        if layer.attention is None:
-            continue
-        reason = "attention='hooks' was asked for" if mode == "hooks" else hf.route_reason(model, layer)
-        paths[layer.name] = hf.AttentionPath("hooks", reason) if reason else hf.AttentionPath("op")
-    refused = {name: path.reason for name, path in paths.items() if path.path == "hooks"}
-    if mode == "op" and refused:
-        lines = "\n".join(f"  {name}: {reason}" for name, reason in refused.items())
-        raise ValueError(f"attention='op': these attention blocks of {type(model).__name__} cannot attend through "
-                         f"learnmask's masked-attention op:\n{lines}\nuse attention='auto' to gate them by hooks")
-    return paths
-
-
-def _check_token_layers(model: nn.Module, layers: list[LayerSpec], tokens: TokenGates,
-                        paths: dict[str, hf.AttentionPath]) -> None:
-    """Raise ``ValueError`` where the model's tokens cannot be gated as configured."""
-    kind = type(model).__name__
-    if tokens.layers[-1] >= len(layers) - 1:
-        raise ValueError(f"token_layers {list(tokens.layers)}: index {tokens.layers[-1]} is past the model's depth; "
-                         f"{kind} has {len(layers)} layers, so tokens can be pruned after layers 0..{len(layers) - 2} "
-                         "(some layer must run after pruning)")
-    for layer in layers:
-        if layer.arch not in TOKEN_ARCHS:
-            raise ValueError(f"token gates support {', '.join(TOKEN_ARCHS)} layers (BERT, RoBERTa, DistilBERT, "
-                             f"ViT, nn.TransformerEncoderLayer); {layer.name} of {kind} is {layer.arch!r}")
-        if layer.arch == "transformer_encoder_layer":
-            if not layer.module.self_attn.batch_first:
-                raise ValueError(f"token gates need batch_first=True on {layer.name} (nn.TransformerEncoderLayer); "
-                                 "got batch_first=False")
-            continue
-        path = paths.get(layer.name)
-        if path is None or path.path != "op":
-            reason = path.reason if path is not None else "it has no attention block"
-            raise ValueError(f"token gates on {kind} need every layer to attend through learnmask's op "
-                             f"(attention='auto' or 'op'); {layer.name} does not: {reason}")
-
-
-def _check_backend(backend):
-    """``backend`` if it is ``"auto"``, a registered backend's name or a backend object.
-
-    Raises:
-        ValueError: an unknown name (the op's own message lists the known ones).
-        TypeError: neither a name nor an ``AttentionBackend``.
-    """
-    from learnmask.ops import AttentionBackend, get_backend
-
-    if isinstance(backend, str):
-        if backend != "auto":
-            get_backend(backend)
-        return backend
-    if not isinstance(backend, AttentionBackend):
-        raise TypeError(f"backend must be 'auto', a registered backend name or an AttentionBackend; got {backend!r}")
-    return backend
 
 
 class MaskHandle:
@@ -144,13 +82,13 @@ class MaskHandle:
         self.z: dict[str, Tensor] = {}
         self.capture_grad = False
         self.registered = register
-        self.attention_paths = _attention_paths(model, layers, config.attention)
-        self._backend = _check_backend(config.backend)
+        self.attention_paths = hf.attention_paths(model, layers, config.attention)
+        self._backend = hf.check_backend(config.backend)
         self._costs = [layer_costs(layer) for layer in layers]
         self._hooks: list[Any] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
         if tokens is not None:
-            _check_token_layers(model, layers, tokens, self.attention_paths)
+            TH.check_token_layers(model, layers, tokens, self.attention_paths)
         if register:
             setattr(model, GATES_ATTRIBUTE, self.gates)
             if tokens is not None:
@@ -201,23 +139,9 @@ class MaskHandle:
             for norm in self.hidden_stream.norms:
                 self._hooks.append(norm.register_forward_hook(H.NormOverKept(self, "hidden")))
         if self.tokens is not None:
-            self._attach_tokens()
+            self._hooks.extend(TH.attach(self))
         if routes:
             self._hooks.append(hf.Switch(routes, hf.configs_of(self.model, list(routes))))
-
-    def _attach_tokens(self) -> None:
-        """Scoring hooks on the pruning layers; key-padding hooks on encoder layers after them
-        (Hugging Face layers get theirs through their routes)."""
-        first = self.tokens.layers[0]
-        for row, layer in enumerate(self.layers):
-            encoder = layer.arch == "transformer_encoder_layer"
-            stage = self.tokens.stage_of(row)
-            if stage is not None:
-                hook = TH.PruneTokens(self, row, stage, "src_key_padding_mask" if encoder else None)
-                self._hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            if encoder and row > first:
-                hook = TH.EncoderLayerTokens(self, "tokens", row)
-                self._hooks.append(layer.module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _pre(self, module: nn.Module, hook: H.LearnmaskHook) -> None:
         self._hooks.append(module.register_forward_pre_hook(hook))
@@ -368,7 +292,7 @@ class MaskHandle:
 
     @backend.setter
     def backend(self, backend) -> None:
-        self._backend = _check_backend(backend)
+        self._backend = hf.check_backend(backend)
 
     def remaining_parameters(self) -> int:
         """Parameters ``finalize`` keeps under the eval masks: :meth:`parameters_for` them, plus

@@ -161,6 +161,44 @@ def route_reason(model: nn.Module, layer) -> str:
     return ""
 
 
+def attention_paths(model: nn.Module, layers: list, mode: str) -> dict[str, AttentionPath]:
+    """How each layer with an attention block attends (see ``MaskConfig.attention``).
+
+    Raises:
+        ValueError: ``mode == "op"`` and some layer cannot attend through the op (the reasons).
+    """
+    paths = {}
+    for layer in layers:
+        if layer.attention is None:
+            continue
+        reason = "attention='hooks' was asked for" if mode == "hooks" else route_reason(model, layer)
+        paths[layer.name] = AttentionPath("hooks", reason) if reason else AttentionPath("op")
+    refused = {name: path.reason for name, path in paths.items() if path.path == "hooks"}
+    if mode == "op" and refused:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in refused.items())
+        raise ValueError(f"attention='op': these attention blocks of {type(model).__name__} cannot attend through "
+                         f"learnmask's masked-attention op:\n{lines}\nuse attention='auto' to gate them by hooks")
+    return paths
+
+
+def check_backend(backend):
+    """``backend`` if it is ``"auto"``, a registered backend's name or a backend object.
+
+    Raises:
+        ValueError: an unknown name (the op's own message lists the known ones).
+        TypeError: neither a name nor an ``AttentionBackend``.
+    """
+    from learnmask.ops import AttentionBackend, get_backend
+
+    if isinstance(backend, str):
+        if backend != "auto":
+            get_backend(backend)
+        return backend
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"backend must be 'auto', a registered backend name or an AttentionBackend; got {backend!r}")
+    return backend
+
+
 def configs_of(model: nn.Module, modules: list[nn.Module]) -> list[Any]:
     """The distinct Hugging Face configs that decide how ``modules`` attend and how their masks are
     built: each module's own and those of the modules above it that hold one."""

@@ -17,8 +17,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from learnmask.inject.architectures import LayerSpec
+from learnmask.inject.hf_attention import AttentionPath
 from learnmask.inject.hooks import LearnmaskHook
-from learnmask.inject.tokens import eval_keep, gather_kept, keep_counts
+from learnmask.inject.tokens import TOKEN_ARCHS, TokenGates, eval_keep, gather_kept, keep_counts
+
+
+def check_token_layers(model: nn.Module, layers: list[LayerSpec], tokens: TokenGates,
+                       paths: dict[str, AttentionPath]) -> None:
+    """Raise ``ValueError`` where the model's tokens cannot be gated as configured."""
+    kind = type(model).__name__
+    if tokens.layers[-1] >= len(layers) - 1:
+        raise ValueError(f"token_layers {list(tokens.layers)}: index {tokens.layers[-1]} is past the model's depth; "
+                         f"{kind} has {len(layers)} layers, so tokens can be pruned after layers 0..{len(layers) - 2} "
+                         "(some layer must run after pruning)")
+    for layer in layers:
+        if layer.arch not in TOKEN_ARCHS:
+            raise ValueError(f"token gates support {', '.join(TOKEN_ARCHS)} layers (BERT, RoBERTa, DistilBERT, "
+                             f"ViT, nn.TransformerEncoderLayer); {layer.name} of {kind} is {layer.arch!r}")
+        if layer.arch == "transformer_encoder_layer":
+            if not layer.module.self_attn.batch_first:
+                raise ValueError(f"token gates need batch_first=True on {layer.name} (nn.TransformerEncoderLayer); "
+                                 "got batch_first=False")
+            continue
+        path = paths.get(layer.name)
+        if path is None or path.path != "op":
+            reason = path.reason if path is not None else "it has no attention block"
+            raise ValueError(f"token gates on {kind} need every layer to attend through learnmask's op "
+                             f"(attention='auto' or 'op'); {layer.name} does not: {reason}")
+
+
+def attach(handle) -> list:
+    """Hook ``handle``'s token gates on: a :class:`PruneTokens` on each pruning layer, an
+    :class:`EncoderLayerTokens` on each ``nn.TransformerEncoderLayer`` after the first (Hugging
+    Face layers get theirs through their routes). Returns the hook handles."""
+    tokens, hooks = handle.tokens, []
+    for row, layer in enumerate(handle.layers):
+        encoder = layer.arch == "transformer_encoder_layer"
+        stage = tokens.stage_of(row)
+        if stage is not None:
+            hook = PruneTokens(handle, row, stage, "src_key_padding_mask" if encoder else None)
+            hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+        if encoder and row > tokens.layers[0]:
+            hooks.append(layer.module.register_forward_pre_hook(EncoderLayerTokens(handle, "tokens", row),
+                                                                with_kwargs=True))
+    return hooks
 
 
 def log_keep(keep: Tensor, dtype: torch.dtype) -> Tensor:
