@@ -54,13 +54,19 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
     return mean, float(sem * stats.t.ppf(0.5 + confidence / 2, len(values) - 1))
 
 
-def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
-    """Group this grid's records by (row, target sparsity) in grid order."""
+def group_cells(grid: GridConfig, records: list[dict], axis: str) -> tuple[dict[str, int], dict]:
+    """This grid's records grouped by (row label, ``config[axis]``), and each row's grid position."""
     order = {row.label: i for i, row in enumerate(grid.rows)}
     groups: dict[tuple[str, float], list[dict]] = {}
     for record in records:
         if record.get("grid") == grid.name and record["row"] in order:
-            groups.setdefault((record["row"], record["config"]["target_sparsity"]), []).append(record)
+            groups.setdefault((record["row"], record["config"][axis]), []).append(record)
+    return order, groups
+
+
+def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
+    """Group this grid's records by (row, target sparsity) in grid order."""
+    order, groups = group_cells(grid, records, "target_sparsity")
     keys = sorted(groups, key=lambda k: (order[k[0]], k[1]))
     return [_summary(row, target, groups[(row, target)]) for row, target in keys]
 

@@ -8,7 +8,7 @@ import pathlib
 from learnmask.io import atomic_write_text
 from learnmask.recipe.figures import pyplot, save_png
 from learnmask.recipe.grid import GridConfig
-from learnmask.recipe.table import Summary, _tex_escape, check_goals, mean_ci
+from learnmask.recipe.table import Summary, _tex_escape, check_goals, group_cells, mean_ci
 
 NOTE = ("Keep ratio: fraction of each example's real tokens (CLS included) kept after the last pruning layer; "
         "realized: measured on the held-out set with tokens dropped. FLOPs saved: fraction of the encoder's FLOPs "
@@ -22,11 +22,7 @@ NOTE = ("Keep ratio: fraction of each example's real tokens (CLS included) kept 
 
 def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
     """Group this grid's records by (row, keep ratio) in grid order, highest keep ratio first."""
-    order = {row.label: i for i, row in enumerate(grid.rows)}
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for record in records:
-        if record.get("grid") == grid.name and record["row"] in order:
-            groups.setdefault((record["row"], record["config"]["keep_ratio"]), []).append(record)
+    order, groups = group_cells(grid, records, "keep_ratio")
     summaries = []
     for row, keep in sorted(groups, key=lambda k: (order[k[0]], -k[1])):
         metrics = [r["metrics"] for r in groups[(row, keep)]]
