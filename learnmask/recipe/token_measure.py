@@ -6,7 +6,10 @@ Throughput: batches of 1 (the first :data:`BATCH_1_EXAMPLES` held-out examples, 
 and of 64 (the first 64 held-out examples as one batch, padded to their longest), on 2 threads,
 in inference mode. One warm-up pass, then :data:`TIMED_PASSES` timed passes of each model,
 interleaved (full, export, full, ...) so drifting load from other processes hits both alike;
-each model's time is its fastest pass (see :mod:`learnmask.recipe.measure`).
+each model's time is its fastest pass (see :mod:`learnmask.recipe.measure`). A pass runs its
+batches as many times as make the full model's warm-up pass last :data:`MIN_PASS_SECONDS`
+(the ViT's batch of 64 takes about 0.1 s: the fastest of three such passes moved the ratio by
+up to 0.5 between runs).
 
 FLOPs (multiply-adds × 2) of one encoder layer on ``n`` tokens of width ``d`` with an MLP of
 ``I`` units: ``2n(4d² + 2dI)`` for its linear maps plus ``4n²d`` for attention scores and values
@@ -17,6 +20,7 @@ Legend: ``N`` examples, ``C`` classes, ``n`` pruning layers.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -30,6 +34,8 @@ BATCH_SIZES = (1, 64)
 BATCH_1_EXAMPLES = 16
 WARMUP_PASSES = 1
 TIMED_PASSES = 3
+#: Shortest timed pass, seconds: shorter passes repeat their batches (see the module).
+MIN_PASS_SECONDS = 1.0
 
 
 def layer_flops(n: Tensor, d: int, intermediate: int) -> Tensor:
@@ -131,13 +137,18 @@ def throughput(models: dict[str, nn.Module], data: Examples) -> dict[str, dict[i
             inputs = _inputs(data, size)
             examples = sum(len(next(iter(batch.values()))) for batch in inputs)
             times: dict[str, list[float]] = {name: [] for name in models}
+            repeats = 1
             for repeat in range(WARMUP_PASSES + TIMED_PASSES):
                 for name, model in models.items():
                     started = time.perf_counter()
-                    for batch in inputs:
-                        model(**batch)
+                    for _ in range(repeats):
+                        for batch in inputs:
+                            model(**batch)
+                    seconds = (time.perf_counter() - started) / repeats
                     if repeat >= WARMUP_PASSES:
-                        times[name].append(time.perf_counter() - started)
+                        times[name].append(seconds)
+                    elif name == "full":
+                        repeats = max(1, math.ceil(MIN_PASS_SECONDS / max(seconds, 1e-6)))
             for name in models:
                 speed[name][size] = examples / min(times[name])
     finally:
@@ -155,5 +166,5 @@ def speed_metrics(speed: dict[str, dict[int, float]], reduction: float) -> dict:
         out[f"time_saved_b{size}"] = 1.0 - 1.0 / relative
     out["time_saved_over_flops_b64"] = out["time_saved_b64"] / reduction if reduction > 0 else None
     out["throughput"] = {f"b{size}": {name: round(speed[name][size], 2) for name in speed} for size in BATCH_SIZES}
-    out["throughput"].update(threads=THREADS, timed_passes=TIMED_PASSES)
+    out["throughput"].update(threads=THREADS, timed_passes=TIMED_PASSES, min_pass_seconds=MIN_PASS_SECONDS)
     return out
