@@ -428,3 +428,34 @@ def test_head_gates_and_token_gates_together_drop_equals_mask():
         open_heads = output("bert", model, batch)
     assert (dropped - masked).abs().max().item() <= TOL
     assert (masked - open_heads).abs().max().item() > 10 * TOL  # the head gates did act
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_hardened_gates_train_with_exactly_the_eval_decisions_and_still_teach_the_scorers(name):
+    model, batch = make(name), batch_for(name)
+    handle = gate(model, token_gate="hard_concrete", token_gate_options={"init_log_alpha": 0.0})
+    for scorer in handle.tokens.scorers:  # scores that rank the tokens
+        torch.nn.init.normal_(scorer.linear.weight, std=1.0)
+    with torch.no_grad():
+        handle.token_inference = "mask"
+        model.eval()
+        output(name, model, batch)
+        eval_masks = [m.clone() for m in handle.token_masks()]
+        model.train()
+        torch.manual_seed(0)
+        output(name, model, batch)
+        soft_masks = handle.token_masks()
+    assert any(not torch.equal(a, b) for a, b in zip(eval_masks, soft_masks))  # sampled gates differ
+    handle.tokens.harden()
+    model.train()
+    for seed in range(3):  # no sampling left: every pass keeps exactly the eval decisions
+        torch.manual_seed(seed)
+        out = output(name, model, batch)
+        assert all(torch.equal(a, b) for a, b in zip(eval_masks, handle.token_masks()))
+    expected = handle.expected_keep_ratio("tokens")
+    n_real = real_counts(name, batch).double()
+    exact = sum(((torch.round(n_real * r).clamp_min(1)) / n_real).mean() for r in handle.tokens.ratios) / 2
+    assert float(expected) == pytest.approx(float(exact), abs=1e-6)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    for scorer in handle.tokens.scorers:
+        assert scorer.linear.weight.grad is not None and scorer.linear.weight.grad.abs().sum() > 0

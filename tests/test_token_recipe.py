@@ -62,7 +62,7 @@ def test_a_tiny_token_cell_runs_end_to_end_and_records_sane_metrics(tiny_tasks, 
     recorded = []
     metrics = recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache", record=recorded.append)
     assert recorded == [metrics] and json.loads(json.dumps(metrics)) == metrics  # a results line
-    assert (tmp_path / "cache" / f"dense-{run.dense_twin().key()}.pt").exists()  # the full twin ran first
+    assert (tmp_path / "cache" / f"dense-{run.dense_key()}.pt").exists()  # the dense weights were trained first
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["export_accuracy"] == metrics["accuracy"]
     assert metrics["export_max_logit_diff"] < 1e-4
     assert abs(metrics["realized_keep_ratio"] - 0.5) <= 0.02 and metrics["keep_ratio_error"] <= 0.02
@@ -72,19 +72,44 @@ def test_a_tiny_token_cell_runs_end_to_end_and_records_sane_metrics(tiny_tasks, 
         assert metrics[f"relative_throughput_b{size}"] > 0
     assert metrics["time_saved_over_flops_b64"] == pytest.approx(metrics["time_saved_b64"] / metrics["flop_reduction"])
     assert len(metrics["kept_tokens_pictured"]) == 4 and all(p[0][0] == 0 for p in metrics["kept_tokens_pictured"])
+    pictured = metrics["pictured_inputs"]
+    if task == "fashion-vit":  # the images, as 0-255 grey levels
+        assert torch.equal(torch.tensor(pictured[0]), (image_examples(80, 1).inputs[0, 0] * 255).round().long())
+    else:  # the word pieces (ids here: the tiny task names none)
+        assert pictured[1] == [str(i) for i in text_examples(80, 1).inputs[1]]
     if method.startswith("gates"):
         assert metrics["trajectory"]["target"][-1] == pytest.approx(1 - (1 - 0.5 ** 0.5 + 1 - 0.5) / 2, abs=1e-4)
         assert "control_final_error" in metrics
+        assert 0.0 < metrics["heldout_expected_keep"] < 1.0
+        target = (0.5 ** 0.5 + 0.5) / 2  # the mean of the two pruning layers' targets
+        assert metrics["heldout_expected_keep_error"] == pytest.approx(abs(metrics["heldout_expected_keep"] - target))
+        assert metrics["hard_step"] == 6 - round(0.25 * 6)  # 48 examples, batch 8: 6 steps, the last 2 hard
+    else:
+        assert "heldout_expected_keep" not in metrics
     assert ("adaptive_keep_at_pin" in metrics) == (method == "gates_adaptive")
 
 
-def test_the_full_run_is_its_own_reference(tiny_tasks, tmp_path):
-    run = cfg(method="full")
+def test_the_full_run_is_its_own_reference_after_the_same_training_steps(tiny_tasks, tmp_path, monkeypatch):
+    evaluated = {}
+    evaluate = recipe.evaluate
+
+    def spy(run_cfg, data, handle):
+        evaluated.update({k: v.clone() for k, v in data.model.state_dict().items()})
+        return evaluate(run_cfg, data, handle)
+
+    monkeypatch.setattr(recipe, "evaluate", spy)
+    run = cfg(method="full", prune_examples=16)
     metrics = recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache")
     assert metrics["realized_keep_ratio"] == 1.0 and metrics["flop_reduction"] == 0.0
     assert metrics["relative_throughput_b64"] > 0 and metrics["time_saved_over_flops_b64"] is None
-    assert metrics["epochs"] == 2 and 0.0 <= metrics["accuracy"] <= 1.0
-    assert (tmp_path / "cache" / f"dense-{run.key()}.pt").exists()  # what the pruned cells start from
+    assert metrics["epochs"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0  # 2 dense + 1 pruning-phase epoch
+    dense = torch.load(tmp_path / "cache" / f"dense-{run.dense_key()}.pt", weights_only=True)
+    assert dense.keys() == evaluated.keys()
+    changed = [k for k in dense if not torch.equal(dense[k], evaluated[k])]
+    assert "classifier.weight" in changed  # the keep-1.0 row trained the pruning phase too
+    assert run.key() != cfg(method="full", prune_examples=8).key()  # the phase is part of the row
+    assert run.dense_key() == cfg(method="full", prune_examples=8).dense_key()  # but not of the dense weights
+    assert run.dense_key() == cfg(method="gates", keep_ratio=0.5, gate_lr=0.2, prune_lr=1e-4).dense_key()
 
 
 @pytest.mark.parametrize("method", ["random", "attention"])
@@ -125,6 +150,8 @@ def test_the_bundled_grid_pairs_every_pruned_cell_with_its_tasks_full_row():
     full = {cfg.task: cfg.key() for _, cfg in cells if cfg.method == "full"}
     assert set(full) == {"bbcnews-minilm", "fashion-vit"} and len(cells) == 18
     assert all(cfg.dense_twin().key() == full[cfg.task] for _, cfg in cells)
+    dense = {cfg.task: cfg.dense_key() for _, cfg in cells if cfg.method == "full"}
+    assert all(cfg.dense_key() == dense[cfg.task] for _, cfg in cells)
     assert {cfg.keep_ratio for _, cfg in cells} == {1.0, 0.7, 0.5}
 
 
@@ -154,6 +181,19 @@ def test_missing_data_fails_the_run_with_the_install_command(tmp_path):
         recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache")
 
 
+def test_heldout_expected_keep_of_exact_topk_gates_is_the_kept_fraction(tiny_tasks):
+    from learnmask.recipe.token_measure import heldout_expected_keep
+
+    run = cfg(task="bbcnews-minilm", method="random", keep_ratio=0.5)
+    data = recipe.load_task(run)
+    handle = recipe.attach_tokens(run, data.model)
+    n_real = data.test.real_tokens().double()
+    per_layer = [(torch.round(n_real * r).clamp_min(1) / n_real).mean() for r in handle.tokens.ratios]
+    assert heldout_expected_keep(data.model, handle, data.test, batch_size=24) == \
+        pytest.approx(float(sum(per_layer) / len(per_layer)), abs=1e-6)  # float32 sums
+    assert not data.model.training  # left in eval mode
+
+
 def test_the_table_reports_every_column_and_checks_the_goals(tmp_path):
     from learnmask.recipe.token_table import write_token_tables
 
@@ -162,7 +202,7 @@ def test_the_table_reports_every_column_and_checks_the_goals(tmp_path):
     for label, run in grid.cells():
         pruned = run.method != "full"
         metrics = {"accuracy": 0.9 if pruned else 0.905, "epochs": 1, "realized_keep_ratio": run.keep_ratio,
-                   "keep_ratio_error": 0.0, "control_final_error": 0.01, "flop_reduction": 0.3 * pruned,
+                   "keep_ratio_error": 0.0, "heldout_expected_keep_error": 0.01, "flop_reduction": 0.3 * pruned,
                    "flop_reduction_after_first": 0.45 * pruned, "relative_throughput_b1": 1.1,
                    "relative_throughput_b64": 1.25 if pruned else 1.0,
                    "time_saved_over_flops_b64": (0.2 / 0.3) if pruned else None}
@@ -175,3 +215,62 @@ def test_the_table_reports_every_column_and_checks_the_goals(tmp_path):
     assert "time saved at batch 64 at least 0.8x the FLOPs saved at keep 0.5 (learned gates + Lagrangian): worst run " \
            "0.6667 (goal ≥ 0.8): MISSED" in text
     assert (tmp_path / "tokens.tex").exists()
+
+
+def test_the_table_states_the_subsets_each_task_really_ran_with(tmp_path):
+    """Under --set the title used to state the grid's default subsets; the settings come from the runs."""
+    from learnmask.recipe.token_table import write_token_tables
+
+    grid = load_grid(bundled_grid("tokens"))
+    records = []
+    for label, run in grid.cells(overrides={"train_examples": 64, "prune_examples": 32}):
+        metrics = {"accuracy": 0.5, "epochs": 1, "realized_keep_ratio": run.keep_ratio, "keep_ratio_error": 0.0}
+        records.append({"key": run.key(), "grid": "tokens", "row": label, "config": run.__dict__, "metrics": metrics})
+    write_token_tables(grid, records, tmp_path / "tokens", title="T", command="c")
+    text = (tmp_path / "tokens.md").read_text()
+    assert "- bbcnews-minilm: training examples (0: all) 64, epochs 1, held out (0: all) 200, pruning-phase examples " \
+           "(0: all) 32, pruning-phase epochs 1, max length 256, batch 16, lr 5e-05, gate lr 0.05, pruning layers " \
+           "[1, 3]" in text
+    assert "- fashion-vit: training examples (0: all) 64, epochs 2, held out (0: all) 2000" in text
+    assert "20,000" not in text and "600" not in text
+
+
+def _pictured_record(row, keep, seed, inputs, kept, layers):
+    return {"row": row, "config": {"keep_ratio": keep, "seed": seed, "task": "t"},
+            "metrics": {"pictured_inputs": inputs, "kept_tokens_pictured": kept, "token_layers": layers}}
+
+
+def test_the_kept_word_pieces_page_strikes_exactly_the_closed_ones(tmp_path):
+    from learnmask.recipe.token_pictures import write_kept_text
+
+    tokens = ["[CLS]", "the", "cat_", "|", "sat", "[SEP]"]
+    kept = [[[0, 1, 3, 4, 5], [0, 4]]]  # one example, two pruning layers
+    records = [_pictured_record("text: gates", 0.5, 1, [tokens], [[[0, 1], [0]]], [1, 3]),
+               _pictured_record("text: gates", 0.5, 0, [tokens], kept, [1, 3]),  # the first seed is shown
+               _pictured_record("images: gates", 0.5, 0, [[[0] * 28] * 28], [[[0, 1]]], [1])]  # not text
+    assert write_kept_text(records, tmp_path / "kept.md", title="T", command="c")
+    lines = (tmp_path / "kept.md").read_text().splitlines()
+    assert "- after layer 1 (5 of 6 kept): [CLS] the ~~cat\\_~~ \\| sat [SEP]" in lines
+    assert "- after layer 3 (2 of 6 kept): [CLS] ~~the~~ ~~cat\\_~~ ~~\\|~~ sat ~~[SEP]~~" in lines
+    assert sum(line.startswith("- after layer") for line in lines) == 2
+    assert not write_kept_text(records[2:], tmp_path / "none.md", title="T", command="c")
+    assert not (tmp_path / "none.md").exists()
+
+
+def test_the_kept_patches_figure_dims_exactly_the_closed_patches(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from learnmask.recipe import token_pictures
+    from learnmask.recipe.token_tasks import VIT
+
+    assert token_pictures.PATCH_SIZE == VIT["patch_size"]
+    drawn = []
+    monkeypatch.setattr(token_pictures, "save_png", lambda figure, path: drawn.append(figure))
+    image = [[200] * 28 for _ in range(28)]
+    kept = [[[0, 1, 9]]]  # CLS, the top-left patch, the patch at row 1, column 1
+    records = [_pictured_record("images: gates", 0.5, 0, [image], kept, [1])]
+    assert token_pictures.plot_kept_patches(records, tmp_path / "k.png", title="T")
+    shown = drawn[0].axes[0].images[0].get_array()
+    assert shown.shape == (28, 28)
+    expected = torch.full((28, 28), 0.25 * 200 / 255, dtype=torch.float64)
+    expected[0:4, 0:4] = expected[4:8, 4:8] = 200 / 255
+    assert torch.allclose(torch.as_tensor(shown.data), expected)

@@ -171,6 +171,16 @@ class TokenGates(nn.Module):
         init = float(template.log_alpha.detach()[0])
         self.scorers = nn.ModuleList(TokenScorer(hidden_size, init) for _ in layers)
 
+    def harden(self) -> None:
+        """Train with the eval rule from now on: every stage keeps exactly its top-k tokens of
+        the learned scores (the ``topk`` kind, straight-through gradient), so the network
+        adapts to the very decisions it will be evaluated and exported with (LTP's hard
+        pruning stage after its soft one, Kim et al. 2022). The ratios stay where they are; a
+        penalty controller then has nothing left to move (the expected keep ratio is the exact
+        kept fraction). Irreversible for this object; state_dict unchanged."""
+        self.__dict__["template"] = make_gate("topk", (1,))
+        self.kind = "topk"
+
     def stage_of(self, row: int) -> int | None:
         """Index of pruning layer ``row`` among :attr:`layers`, or None."""
         return self.layers.index(row) if row in self.layers else None

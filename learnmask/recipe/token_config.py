@@ -15,18 +15,23 @@ from learnmask.recipe.validated import ValidatedConfig
 TOKEN_METHODS = ("full", "gates", "gates_adaptive", "random", "attention")
 #: Task name -> what it is (model and data); see :mod:`learnmask.recipe.token_tasks`.
 TOKEN_TASKS = ("bbcnews-minilm", "fashion-vit")
-#: Fields that only the pruning phase reads: a ``full`` run's key leaves them out, so every
-#: pruned cell of a grid finds the ``full`` run of its task and seed (its dense twin).
-PRUNE_FIELDS = ("keep_ratio", "prune_epochs", "gate_lr", "controller_lr", "controller_damping", "keep_warmup",
-                "token_layers", "gate_init_log_alpha", "adaptive_max_step")
+#: Fields that only token gates read: a ``full`` run's key leaves them out.
+GATE_FIELDS = ("keep_ratio", "gate_lr", "controller_lr", "controller_damping", "keep_warmup", "hard_fraction",
+               "token_layers",
+               "gate_init_log_alpha", "adaptive_max_step")
+#: Fields that only the pruning phase reads: the dense weights' key (:meth:`TokenRunConfig.dense_key`)
+#: leaves them out, so every cell of a grid starts from the dense weights of its task and seed.
+PRUNE_FIELDS = (*GATE_FIELDS, "method", "prune_epochs", "prune_examples", "prune_lr")
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenRunConfig(ValidatedConfig):
-    """One run of token pruning on a classifier: the ``full`` model is trained first (fine-tuned
-    MiniLM, or a ViT from scratch); a pruned run starts from its weights and trains
-    ``prune_epochs`` more with its tokens pruned, then is exported
-    (:meth:`~learnmask.inject.MaskHandle.export_token_pruning`) and measured.
+    """One run of token pruning on a classifier. The dense model is trained first (fine-tuned
+    MiniLM, or a ViT from scratch; ``epochs`` on ``train_examples``, cached and shared by the
+    cells of a task and seed); every run then starts from those weights and trains
+    ``prune_epochs`` more on ``prune_examples``: a pruned run with its tokens pruned (then
+    exported with :meth:`~learnmask.inject.MaskHandle.export_token_pruning` and measured), the
+    ``full`` run with every token, so the keep-1.0 row has had the same training steps.
 
     Attributes:
         task: ``bbcnews-minilm`` (all-MiniLM-L6-v2 on BBC News topics, text) or ``fashion-vit``
@@ -39,13 +44,18 @@ class TokenRunConfig(ValidatedConfig):
             and ``learnmask.image_data``); model_path: a local MiniLM folder (text only).
         train_examples, test_examples: the first N of the fixed training / held-out split
             (0 = all); prune_examples: the first N of those for the pruning phase (0 = all).
-        epochs: passes of the ``full`` training; prune_epochs: passes of the pruning phase.
+        epochs: passes of the dense training; prune_epochs: passes of the pruning phase;
+            prune_lr: its AdamW learning rate (0 = ``lr``; a model trained from scratch keeps
+            its accuracy better through a short phase at a lower rate).
         batch_size, max_length (text tokens, specials included), lr, weight_decay,
             warmup_ratio: the usual settings (``lr`` of AdamW; ``warmup_ratio`` in [0, 1)).
         token_layers: layers after which tokens are pruned (0-based); empty = the task's
             default (MiniLM: after layers 1 and 3 of 6; ViT: after layer 1 of 4).
         keep_warmup: fraction of the pruning steps over which the keep ratio moves from 1 to
             ``keep_ratio`` (linearly; the loss-adaptive row moves it from the loss instead).
+        hard_fraction: learned gates: the last fraction of the pruning steps trains with the
+            eval rule (exactly the top-k tokens of the learned scores; LTP's hard stage, Kim
+            et al. 2022), in [0, 1 - keep_warmup]; 0 = soft gates to the end.
         gate_lr, gate_init_log_alpha: AdamW learning rate of the token scorers and their
             initial logit (3.0: nearly all kept).
         controller_lr, controller_damping: the Lagrangian controller (dual-ascent rate, damping).
@@ -67,10 +77,12 @@ class TokenRunConfig(ValidatedConfig):
     batch_size: int = 16
     max_length: int = 256
     lr: float = 5e-5
+    prune_lr: float = 0.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     token_layers: list = dataclasses.field(default_factory=list)
     keep_warmup: float = 0.5
+    hard_fraction: float = 0.25
     gate_lr: float = 0.01
     gate_init_log_alpha: float = 3.0
     controller_lr: float = 0.5
@@ -98,13 +110,16 @@ class TokenRunConfig(ValidatedConfig):
         for name in ("train_examples", "test_examples", "prune_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = all); got {getattr(self, name)}")
+        if not 0.0 <= self.hard_fraction <= 1.0 - self.keep_warmup:
+            raise ValueError(f"hard_fraction must be in [0, 1 - keep_warmup] = [0, {1.0 - self.keep_warmup:g}] (the "
+                             f"hard stage starts after the keep ratio's warm-up); got {self.hard_fraction}")
         for name in ("warmup_ratio", "keep_warmup"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         for name in ("lr", "gate_lr", "controller_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        for name in ("controller_damping", "adaptive_max_step"):
+        for name in ("controller_damping", "adaptive_max_step", "prune_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         layers = self.token_layers
@@ -115,12 +130,15 @@ class TokenRunConfig(ValidatedConfig):
         object.__setattr__(self, "token_layers", list(layers))
 
     def dense_twin(self) -> TokenRunConfig:
-        """The ``full`` run whose trained weights this run starts from (same task, data, seed)."""
+        """The ``full`` run of the same task, data and seed (the keep-1.0 row of this run)."""
         return dataclasses.replace(self, method="full", keep_ratio=1.0)
 
     def key(self) -> str:
-        """As :meth:`ValidatedConfig.key`; a ``full`` run leaves out :data:`PRUNE_FIELDS`."""
+        """As :meth:`ValidatedConfig.key`; a ``full`` run leaves out :data:`GATE_FIELDS`."""
         if self.method != "full":
             return super().key()
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in PRUNE_FIELDS}
-        return self._hash(values)
+        return self._hash({k: v for k, v in dataclasses.asdict(self).items() if k not in GATE_FIELDS})
+
+    def dense_key(self) -> str:
+        """Key of the dense weights every run starts from: the settings but :data:`PRUNE_FIELDS`."""
+        return self._hash({k: v for k, v in dataclasses.asdict(self).items() if k not in PRUNE_FIELDS})

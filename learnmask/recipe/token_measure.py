@@ -98,6 +98,25 @@ def gated_eval(model: nn.Module, handle, data: Examples, batch_size: int = 64) -
     return torch.cat(logits), realized_keep(masks, data.real_tokens())
 
 
+@torch.no_grad()
+def heldout_expected_keep(model: nn.Module, handle, data: Examples, batch_size: int = 64) -> float:
+    """The training-time expected keep ratio (:meth:`~learnmask.inject.MaskHandle.expected_keep_ratio`,
+    what the controller drives) averaged over the held-out examples: the model in training mode
+    (gate samples, dropout), no update. One batch's value moves with its examples (a batch of
+    dark images has fewer patches worth keeping); over the held-out set it says where the gates
+    really are (LTP's keep-ratio drift, Kim et al. 2022). Leaves the model in eval mode."""
+    model.train()
+    total = 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            rows = list(range(start, min(start + batch_size, len(data))))
+            model(**data.batch(rows, labels=False))
+            total += float(handle.expected_keep_ratio("tokens")) * len(rows)
+    finally:
+        model.eval()
+    return total / len(data)
+
+
 def check_export(gated: Tensor, exported: Tensor) -> dict:
     """The export predicts what the gated model does (ties within :data:`TIE_MARGIN` excepted).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -74,12 +75,16 @@ class Examples:
 
 @dataclasses.dataclass
 class TaskData:
-    """A task's model (untrained head / ViT) and its training and held-out examples."""
+    """A task's model (untrained head / ViT) and its training and held-out examples.
+
+    ``token_names`` maps an example's token ids to their strings (text; None for images).
+    """
 
     model: nn.Module
     train: Examples
     test: Examples
     label_names: list[str]
+    token_names: Callable[[list[int]], list[str]] | None = None
 
 
 def load_task(cfg: TokenRunConfig) -> TaskData:
@@ -117,7 +122,8 @@ def _bbc(cfg: TokenRunConfig) -> TaskData:
         train_texts, train_labels = train_texts[: cfg.train_examples], train_labels[: cfg.train_examples]
     if cfg.test_examples:
         test_texts, test_labels = test_texts[: cfg.test_examples], test_labels[: cfg.test_examples]
-    return TaskData(model, encode(train_texts, train_labels), encode(test_texts, test_labels), texts.label_names)
+    return TaskData(model, encode(train_texts, train_labels), encode(test_texts, test_labels), texts.label_names,
+                    tokenizer.convert_ids_to_tokens)
 
 
 def _fashion(cfg: TokenRunConfig) -> TaskData:

@@ -1,14 +1,18 @@
 """The token-pruning recipe (``recipe = "tokens"``, ``learnmask reproduce tokens``): one run of
 :class:`~learnmask.recipe.token_config.TokenRunConfig` on the shared loop.
 
-A ``full`` run trains the task's model with every token (MiniLM fine-tuned, or the ViT from
-scratch) and caches its weights. A pruned run starts from those weights (running its ``full``
-twin first when the cache lacks them), attaches token gates after the task's pruning layers
-(:func:`learnmask.apply_masks` with ``tokens=True``) and trains ``prune_epochs`` more while the
-keep ratio moves from 1 to its target over ``keep_warmup`` of the steps:
+Every run starts from the task's dense weights (:func:`dense_weights`: the model trained with
+every token, MiniLM fine-tuned or the ViT from scratch, cached per task, data and seed) and
+trains ``prune_epochs`` more on the first ``prune_examples``: the ``full`` run (keep 1.0) with
+every token, so it has had the same training steps as the pruned rows it is compared with; a
+pruned run with token gates after the task's pruning layers (:func:`learnmask.apply_masks`
+with ``tokens=True``) while the keep ratio moves from 1 to its target over ``keep_warmup`` of
+the steps:
 
 - ``gates``: hard-concrete gates on learned scorers; a Lagrangian controller drives the expected
-  keep ratio to the moving target (``tokens.sparsity_target``);
+  keep ratio to the moving target (``tokens.sparsity_target``); for the last ``hard_fraction``
+  of the steps the gates keep exactly the top-k tokens of the learned scores, the eval rule
+  (:meth:`~learnmask.inject.tokens.TokenGates.harden`; LTP's hard stage, Kim et al. 2022);
 - ``gates_adaptive``: the same, but a :class:`~learnmask.control.LossAdaptiveController` moves
   the target from the task loss within ``[keep_ratio, 1]`` (harder while the loss falls), and
   the target is pinned to ``keep_ratio`` after the warm-up;
@@ -67,14 +71,18 @@ class TokenTask:
     schedule and the controllers.
 
     Args:
+        heldout: examples on which the learned gates' expected keep ratio is measured when the
+            hard stage begins (:func:`~learnmask.recipe.token_measure.heldout_expected_keep`).
+
+    Attributes:
         total_steps: optimizer steps; the keep ratio reaches ``cfg.keep_ratio`` after
-            ``keep_warmup`` of them.
+            ``ramp_steps`` of them; learned gates harden at ``hard_step``.
     """
 
     log_every = 10
 
     def __init__(self, cfg: TokenRunConfig, model: torch.nn.Module, handle: MaskHandle | None, train: Examples,
-                 epochs: int):
+                 epochs: int, heldout: Examples | None = None):
         self.cfg, self.model, self.handle, self.train, self.epochs = cfg, model, handle, train, epochs
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.total_steps = epochs * self.steps_per_epoch
@@ -83,6 +91,11 @@ class TokenTask:
         self.expected_history: list[float] = []  # expected keep ratio and its target, every step
         self.target_history: list[float] = []
         self.adaptive_keep_at_pin: float | None = None
+        self.heldout, self.heldout_keep = heldout, None
+        learned = handle is not None and cfg.method in ("gates", "gates_adaptive")
+        self.hard_step = max(self.ramp_steps, self.total_steps - round(cfg.hard_fraction * self.total_steps)) \
+            if learned else None
+        self.hardened = False
         if handle is None:
             return
         if cfg.method in ("gates", "gates_adaptive"):
@@ -115,6 +128,8 @@ class TokenTask:
             if step == self.ramp_steps and self.adaptive is not None:
                 self.adaptive_keep_at_pin = self.adaptive.ratio
             self.handle.tokens.keep_ratio = self.keep_at(step)
+            if self.hard_step is not None and step >= self.hard_step and not self.hardened:
+                self._harden()
         labels = batch.pop("labels")
         loss = F.cross_entropy(self.model(**batch).logits, labels)
         if self.handle is None:
@@ -126,8 +141,15 @@ class TokenTask:
             return loss, loss.item()
         return loss + self.controller.penalty(1.0 - expected), loss.item()
 
+    def _harden(self) -> None:
+        if self.heldout is not None and self.heldout_keep is None:  # (None after a resume past this step)
+            self.heldout_keep = measure.heldout_expected_keep(self.model, self.handle, self.heldout)
+            self.model.train()
+        self.handle.tokens.harden()
+        self.hardened = True
+
     def after_step(self, step: int, task_loss: float, skipped: bool) -> None:
-        if self.controller is not None and not skipped:
+        if self.controller is not None and not skipped and not self.hardened:
             self.controller.step()
         if self.adaptive is not None and step < self.ramp_steps and not skipped:
             self.adaptive.update(task_loss)
@@ -144,7 +166,7 @@ class TokenTask:
         return {"controller": self.controller.state_dict() if self.controller else None,
                 "adaptive": self.adaptive.state_dict() if self.adaptive else None,
                 "history": [list(self.expected_history), list(self.target_history)],
-                "adaptive_keep_at_pin": self.adaptive_keep_at_pin}
+                "adaptive_keep_at_pin": self.adaptive_keep_at_pin, "heldout_keep": self.heldout_keep}
 
     def load_state_dict(self, state: dict) -> None:
         if self.controller is not None:
@@ -153,13 +175,17 @@ class TokenTask:
             self.adaptive.load_state_dict(state["adaptive"])
         self.expected_history, self.target_history = (list(h) for h in state["history"])
         self.adaptive_keep_at_pin = state["adaptive_keep_at_pin"]
+        self.heldout_keep = state.get("heldout_keep")
 
     def control(self) -> dict:
         """How the training-time expected keep ratio tracked its target (``control_*``), over the
-        steps after the warm-up, and about 100 points of the trajectory."""
+        steps after the warm-up and before the hard stage (where it is exact by construction),
+        the held-out expected keep ratio when the hard stage began, and about 100 points of
+        the trajectory."""
         if not self.expected_history:
             return {}
-        after = slice(self.ramp_steps, None) if self.ramp_steps < len(self.expected_history) else slice(None)
+        end = self.hard_step if self.hard_step is not None else len(self.expected_history)
+        after = slice(self.ramp_steps, end) if self.ramp_steps < end else slice(None, end or None)
         metrics = {f"control_{k}": v for k, v in
                    control_metrics(self.expected_history[after], self.target_history[after]).items()}
         every = max(1, len(self.expected_history) // 100)
@@ -167,35 +193,60 @@ class TokenTask:
                                  "target": [round(x, 5) for x in self.target_history[::every]]}
         if self.adaptive is not None:
             metrics["adaptive_keep_at_pin"] = self.adaptive_keep_at_pin
+        if self.heldout_keep is not None:
+            metrics["heldout_expected_keep"] = self.heldout_keep
+            metrics["heldout_expected_keep_error"] = abs(self.heldout_keep - self.handle.tokens.target_keep_ratio)
+        metrics["hard_step"] = self.hard_step
         return metrics
 
 
-def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path) -> TrainingLoop:
-    groups = param_groups(task.model, lr=cfg.lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
+def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path, key: str, lr: float) -> TrainingLoop:
+    groups = param_groups(task.model, lr=lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
     base = lambda step: warmup_linear_decay(step, 0, task.total_steps, cfg.warmup_ratio)  # noqa: E731
     lambdas = [base] + [lambda _: 1.0] * (len(groups) - 1)
-    return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=cfg.key())
+    return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key)
 
 
 def dense_weights(cfg: TokenRunConfig, cache_dir: pathlib.Path, progress: Progress | None = None) -> dict:
-    """Trained weights of ``cfg``'s ``full`` twin, from ``cache_dir`` or by running it now (one
-    process at a time)."""
-    twin = cfg.dense_twin()
-    path = pathlib.Path(cache_dir) / f"dense-{twin.key()}.pt"
+    """The dense weights every run of ``cfg``'s task, data and seed starts from: its model
+    trained ``epochs`` on ``train_examples`` with every token, from ``cache_dir`` or trained now
+    (one process at a time; resumable from ``cache_dir/run-<dense_key>``)."""
+    cache_dir = pathlib.Path(cache_dir)
+    key = cfg.dense_key()
+    path = cache_dir / f"dense-{key}.pt"
     with exclusive(path):
         if not path.exists():
-            fit_tokens(twin, pathlib.Path(cache_dir) / f"run-{twin.key()}", cache_dir=cache_dir, progress=progress)
+            data = load_task(cfg)
+            task = TokenTask(cfg, data.model, None, data.train, cfg.epochs)
+            loop = _optimizer(cfg, task, cache_dir / f"run-{key}", key, cfg.lr)
+            try:
+                loop.run(progress)
+                atomic_torch_save(data.model.state_dict(), path)
+            except BaseException:
+                loop.close()
+                raise
+            loop.finish()
     return load_torch_file(path, what="dense-weights cache")
 
 
-def _pictured(handle: MaskHandle, data: Examples) -> list[list[list[int]]]:
-    """Per pictured example, per pruning layer, the kept token positions (eval decisions)."""
-    batch = data.batch(list(range(min(PICTURED_EXAMPLES, len(data)))), labels=False)
+def _pictured(handle: MaskHandle, data: TaskData) -> dict:
+    """What the first :data:`PICTURED_EXAMPLES` held-out examples kept (eval decisions):
+    ``kept_tokens_pictured`` (per example, per pruning layer, the kept positions) and
+    ``pictured_inputs`` (per example, its token strings, or its image as rows of 0-255 grey
+    levels), drawn by :mod:`learnmask.recipe.token_pictures`."""
+    test = data.test
+    rows = list(range(min(PICTURED_EXAMPLES, len(test))))
+    batch = test.batch(rows, labels=False)
     with torch.no_grad():
         handle.model.eval()
         handle.model(**batch)
     masks = handle.token_masks()
-    return [[mask[row].nonzero().flatten().tolist() for mask in masks] for row in range(masks[0].shape[0])]
+    positions = [[mask[row].nonzero().flatten().tolist() for mask in masks] for row in rows]
+    if test.pad_id is not None:  # text: its word pieces (their ids when the task names none)
+        inputs = [(data.token_names or (lambda ids: [str(i) for i in ids]))(list(test.inputs[row])) for row in rows]
+    else:
+        inputs = [(test.inputs[row, 0] * 255).round().to(torch.uint8).tolist() for row in rows]
+    return {"kept_tokens_pictured": positions, "pictured_inputs": inputs}
 
 
 def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> dict:
@@ -208,8 +259,13 @@ def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> 
         return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "realized_keep_ratio": 1.0,
                 "realized_keep_per_layer": [], "keep_ratio_error": 0.0, "flop_reduction": 0.0,
                 "flop_reduction_after_first": 0.0, **measure.speed_metrics(speed, 0.0)}
+    expected = {}
+    if cfg.method in ("gates", "gates_adaptive") and not handle.tokens.kind == "topk":  # soft to the end
+        value = measure.heldout_expected_keep(model, handle, test)
+        expected = {"heldout_expected_keep": value,
+                    "heldout_expected_keep_error": abs(value - handle.tokens.target_keep_ratio)}
     logits, kept = measure.gated_eval(model, handle, test)
-    pictured = _pictured(handle, test)
+    pictured = _pictured(handle, data)
     exported = handle.export_token_pruning()
     exported_logits = logits_of(exported, test)
     checked = measure.check_export(logits, exported_logits)
@@ -222,8 +278,8 @@ def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> 
     return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
             "export_accuracy": float((exported_logits.argmax(-1) == labels).float().mean()), **checked,
             "realized_keep_ratio": kept[-1], "realized_keep_per_layer": kept,
-            "keep_ratio_error": abs(kept[-1] - cfg.keep_ratio), "token_layers": list(layers),
-            "kept_tokens_pictured": pictured, **flops, **measure.speed_metrics(speed, flops["flop_reduction"])}
+            "keep_ratio_error": abs(kept[-1] - cfg.keep_ratio), **expected, "token_layers": list(layers),
+            **pictured, **flops, **measure.speed_metrics(speed, flops["flop_reduction"])}
 
 
 def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path,
@@ -239,8 +295,10 @@ def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib
         ``_b64`` (export over keep 1.0, examples/s), ``time_saved_b1`` / ``_b64``,
         ``time_saved_over_flops_b64``, ``throughput`` (absolute numbers), ``export_accuracy``
         and ``export_max_logit_diff``, ``control_*`` (training-time expected keep ratio vs
-        target after the warm-up), ``trajectory``, ``kept_tokens_pictured``, ``epochs``,
-        ``train_seconds``.
+        target after the warm-up), ``heldout_expected_keep`` and its ``_error`` (learned gates:
+        :func:`~learnmask.recipe.token_measure.heldout_expected_keep` against the target keep
+        ratio, the mean over pruning layers), ``trajectory``, ``kept_tokens_pictured``, ``epochs``
+        (dense and pruning phase), ``pictured_inputs``, ``train_seconds`` (pruning phase).
 
     Raises:
         FileNotFoundError: data or model not installed (the message says how to install them).
@@ -251,22 +309,15 @@ def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib
     run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_task(cfg)
-    handle = None
-    if cfg.method != "full":
-        data.model.load_state_dict(dense_weights(cfg, cache_dir, progress))
-        handle = attach_tokens(cfg, data.model)
-    train = data.train if cfg.method == "full" else data.train.head(cfg.prune_examples)
-    epochs = cfg.epochs if cfg.method == "full" else cfg.prune_epochs
-    task = TokenTask(cfg, data.model, handle, train, epochs)
-    loop = _optimizer(cfg, task, run_dir)
+    data.model.load_state_dict(dense_weights(cfg, cache_dir, progress))
+    handle = None if cfg.method == "full" else attach_tokens(cfg, data.model)
+    task = TokenTask(cfg, data.model, handle, data.train.head(cfg.prune_examples), cfg.prune_epochs, data.test)
+    loop = _optimizer(cfg, task, run_dir, cfg.key(), cfg.prune_lr or cfg.lr)
     try:
         loop.run(progress)
-        metrics = {"train_seconds": round(loop.seconds(), 1), "skipped_steps": loop.skipped, "epochs": epochs,
-                   **task.control()}
+        metrics = {"train_seconds": round(loop.seconds(), 1), "skipped_steps": loop.skipped,
+                   "epochs": cfg.epochs + cfg.prune_epochs, **task.control()}
         metrics.update(evaluate(cfg, data, handle))
-        if cfg.method == "full":
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(data.model.state_dict(), cache_dir / f"dense-{cfg.key()}.pt")
         if record is not None:
             record(metrics)
     except BaseException:
