@@ -229,7 +229,7 @@ def test_the_table_states_the_subsets_each_task_really_ran_with(tmp_path):
     write_token_tables(grid, records, tmp_path / "tokens", title="T", command="c")
     text = (tmp_path / "tokens.md").read_text()
     assert "- bbcnews-minilm: training examples (0: all) 64, epochs 1, held out (0: all) 200, pruning-phase examples " \
-           "(0: all) 32, pruning-phase epochs 1, max length 256, batch 16, lr 5e-05, gate lr 0.05, pruning layers " \
+           "(0: all) 32, pruning-phase epochs 1, max length 256, batch 8, lr 5e-05, gate lr 0.05, pruning layers " \
            "[1, 3]" in text
     assert "- fashion-vit: training examples (0: all) 64, epochs 2, held out (0: all) 2000" in text
     assert "20,000" not in text and "600" not in text
