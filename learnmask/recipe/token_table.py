@@ -47,6 +47,9 @@ def _notes(metrics: list[dict]) -> str:
     after = _mean(metrics, "flop_reduction_after_first")
     if after:
         notes.append(f"{after:.0%} of the FLOPs after the first pruning layer")
+    soft = _mean(metrics, "heldout_expected_keep_error")
+    if soft is not None:
+        notes.append(f"soft gates off their target by {soft:.3f} on the held-out set when the hard stage began")
     pinned = [m["adaptive_keep_at_pin"] for m in metrics if m.get("adaptive_keep_at_pin") is not None]
     if pinned:
         notes.append(f"loss-adaptive keep {sum(pinned) / len(pinned):.2f} at the end of the warm-up")

@@ -180,7 +180,8 @@ class TokenTask:
     def control(self) -> dict:
         """How the training-time expected keep ratio tracked its target (``control_*``), over the
         steps after the warm-up and before the hard stage (where it is exact by construction),
-        the held-out expected keep ratio when the hard stage began, and about 100 points of
+        the held-out expected keep ratio when the hard stage began, the training-time keep ratio's
+        distance to its target at the last step (``final_keep_error``), and about 100 points of
         the trajectory."""
         if not self.expected_history:
             return {}
@@ -197,6 +198,7 @@ class TokenTask:
             metrics["heldout_expected_keep"] = self.heldout_keep
             metrics["heldout_expected_keep_error"] = abs(self.heldout_keep - self.handle.tokens.target_keep_ratio)
         metrics["hard_step"] = self.hard_step
+        metrics["final_keep_error"] = abs(self.expected_history[-1] - self.target_history[-1])
         return metrics
 
 
