@@ -10,6 +10,7 @@ their images as rows of 0-255 grey levels). Each (row, keep ratio) shows its fir
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 from learnmask.io import atomic_write_text
 from learnmask.recipe.figures import pyplot, save_png
@@ -101,7 +102,8 @@ def plot_kept_patches(records: list[dict], path: pathlib.Path, *, title: str) ->
             if example == 0:
                 ax.set_ylabel(f"{run['row'].split(': ', 1)[-1]}\nkeep {run['config']['keep_ratio']:.2f}, "
                               f"after layer {layers[stage]}", fontsize=6)
-    figure.suptitle(f"Kept patches (dimmed: closed): {title}", fontsize=8)
+    figure.suptitle(textwrap.fill(f"Kept patches (dimmed: closed; background patches are black either way): {title}",
+                                  width=24 * examples + 40), fontsize=7)
     figure.tight_layout()
     save_png(figure, path)
     return True

@@ -4,6 +4,7 @@ a goal's ``target`` is the keep ratio)."""
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 from learnmask.io import atomic_write_text
 from learnmask.recipe.figures import pyplot, save_png
@@ -168,7 +169,7 @@ def plot_accuracy_vs_speed(records: list[dict], path: pathlib.Path, *, title: st
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    figure.suptitle(title, fontsize=8)
+    figure.suptitle(textwrap.fill(title, width=150), fontsize=7)
     figure.tight_layout()
     save_png(figure, path)
     return True
