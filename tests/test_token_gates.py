@@ -337,7 +337,10 @@ def test_a_keep_ratio_outside_0_1_or_malformed_is_refused(ratio):
 
 
 def test_a_pruning_layer_past_the_depth_names_the_depth():
-    with pytest.raises(ValueError, match=r"index 2 is past the model's depth; .* has 3 layers, "
+    with pytest.raises(ValueError, match=r"index 3 is past the model's depth; .* has 3 layers, "
+                                         r"so tokens can be pruned after layers 0\.\.1"):
+        gate(make("bert"), token_layers=[0, 3])
+    with pytest.raises(ValueError, match=r"index 2 is its last layer; .* has 3 layers, "
                                          r"so tokens can be pruned after layers 0\.\.1"):
         gate(make("bert"), token_layers=[0, 2])
     with pytest.raises(ValueError, match="token_layers must be strictly increasing; got \\[1, 0\\]"):
@@ -374,7 +377,7 @@ def test_a_causal_model_is_refused_with_the_supported_list():
     import transformers as T
 
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4))
-    with pytest.raises(ValueError, match="token gates support .* is 'gpt2'"):
+    with pytest.raises(ValueError, match="token gates support .* whose first token, CLS, .* is 'gpt2'"):
         gate(gpt2)
     assert not hasattr(gpt2, "learnmask_gates")
 

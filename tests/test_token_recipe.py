@@ -175,6 +175,15 @@ def test_a_bad_grid_row_names_the_row_and_what_was_expected(tmp_path, settings, 
     assert "row 'bad'" in str(error.value)
 
 
+@pytest.mark.parametrize("method", ["full", "gates"])
+def test_pruning_layers_past_the_depth_fail_before_any_training(tiny_tasks, tmp_path, method):
+    run = cfg(method=method, keep_ratio=1.0 if method == "full" else 0.5, token_layers=[2])  # a 3-layer model
+    with pytest.raises(ValueError, match=r"token_layers \[2\]: the bbcnews-minilm model has 3 layers, so tokens can "
+                                         r"be pruned after layers 0\.\.1"):
+        recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing was trained
+
+
 def test_missing_data_fails_the_run_with_the_install_command(tmp_path):
     run = TokenRunConfig(task="fashion-vit", dataset_path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):

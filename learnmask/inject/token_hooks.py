@@ -28,13 +28,15 @@ def check_token_layers(model: nn.Module, layers: list[LayerSpec], tokens: TokenG
     """Raise ``ValueError`` where the model's tokens cannot be gated as configured."""
     kind = type(model).__name__
     if tokens.layers[-1] >= len(layers) - 1:
-        raise ValueError(f"token_layers {list(tokens.layers)}: index {tokens.layers[-1]} is past the model's depth; "
+        where = "is its last layer" if tokens.layers[-1] == len(layers) - 1 else "is past the model's depth"
+        raise ValueError(f"token_layers {list(tokens.layers)}: index {tokens.layers[-1]} {where}; "
                          f"{kind} has {len(layers)} layers, so tokens can be pruned after layers 0..{len(layers) - 2} "
                          "(some layer must run after pruning)")
     for layer in layers:
         if layer.arch not in TOKEN_ARCHS:
             raise ValueError(f"token gates support {', '.join(TOKEN_ARCHS)} layers (BERT, RoBERTa, DistilBERT, "
-                             f"ViT, nn.TransformerEncoderLayer); {layer.name} of {kind} is {layer.arch!r}")
+                             f"ViT, nn.TransformerEncoderLayer: bidirectional encoders whose first token, CLS, "
+                             f"summarizes the input and is never closed); {layer.name} of {kind} is {layer.arch!r}")
         if layer.arch == "transformer_encoder_layer":
             if not layer.module.self_attn.batch_first:
                 raise ValueError(f"token gates need batch_first=True on {layer.name} (nn.TransformerEncoderLayer); "

@@ -284,6 +284,16 @@ def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> 
             **pictured, **flops, **measure.speed_metrics(speed, flops["flop_reduction"])}
 
 
+def check_pruning_layers(cfg: TokenRunConfig, model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` when the run's pruning layers do not fit ``model`` (each < depth - 1)."""
+    from learnmask.inject.architectures import find_layers
+
+    layers, depth = token_layers(cfg), len(find_layers(model))
+    if layers[-1] >= depth - 1:
+        raise ValueError(f"token_layers {list(layers)}: the {cfg.task} model has {depth} layers, so tokens can be "
+                         f"pruned after layers 0..{depth - 2} (some layer must run after pruning); got {layers[-1]}")
+
+
 def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path,
                progress: Progress | None = None, record=None) -> dict:
     """Run one config end to end and return its metrics (the recipe's ``fit``; see
@@ -311,6 +321,7 @@ def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib
     run_dir, cache_dir = pathlib.Path(run_dir), pathlib.Path(cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_task(cfg)
+    check_pruning_layers(cfg, data.model)  # before any training: the dense phase alone can take minutes
     data.model.load_state_dict(dense_weights(cfg, cache_dir, progress))
     handle = None if cfg.method == "full" else attach_tokens(cfg, data.model)
     task = TokenTask(cfg, data.model, handle, data.train.head(cfg.prune_examples), cfg.prune_epochs, data.test)
