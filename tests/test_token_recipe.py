@@ -49,6 +49,7 @@ def tiny_tasks(monkeypatch):
         return TaskData(model, image_examples(48, 0), image_examples(80, 1), ["dark", "bright"])
 
     monkeypatch.setattr(recipe, "load_task", load)
+    monkeypatch.setattr(recipe.measure, "MIN_PASS_SECONDS", 0.0)  # tiny models: no 1 s timing passes
 
 
 def cfg(**values):
