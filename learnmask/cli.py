@@ -15,6 +15,7 @@ import pathlib
 import re
 import shlex
 import sys
+import time
 import tomllib
 
 
@@ -112,6 +113,7 @@ def _table(args, grid, results, work, command: str) -> None:
     from learnmask.recipe.registry import get_recipe
     from learnmask.recipe.results import read_results
 
+    started = time.time() - 1.0  # (file times may be coarser than this clock)
     overrides = parse_overrides(args.set)
     configs = [cfg for _, cfg in grid.cells(full=args.full, overrides=overrides)]
     keys = {cfg.key() for cfg in configs}
@@ -129,6 +131,9 @@ def _table(args, grid, results, work, command: str) -> None:
     figure = tables.parent / "figures" / f"{stem.name}.png"
     if recipe.figure_function()(records, figure, title=f"{title} ({command})"):
         print(f"wrote {figure}")
+    for extra in (stem.with_name(f"{stem.name}-kept.md"), figure.with_name(f"{stem.name}-kept.png")):
+        if extra.exists() and extra.stat().st_mtime >= started:  # pages a recipe writes beside them
+            print(f"wrote {extra}")
 
 
 def _read_toml(path: pathlib.Path) -> dict:
