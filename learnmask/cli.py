@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -131,9 +132,11 @@ def _table(args, grid, results, work, command: str) -> None:
     figure = tables.parent / "figures" / f"{stem.name}.png"
     if recipe.figure_function()(records, figure, title=f"{title} ({command})"):
         print(f"wrote {figure}")
-    for extra in (stem.with_name(f"{stem.name}-kept.md"), figure.with_name(f"{stem.name}-kept.png")):
-        if extra.exists() and extra.stat().st_mtime >= started:  # pages a recipe writes beside them
-            print(f"wrote {extra}")
+    named = {stem.with_suffix(".md"), stem.with_suffix(".tex"), figure}
+    for folder in (tables, figure.parent):  # what else the recipe wrote beside them (its own pages)
+        for extra in sorted(folder.glob(f"{glob.escape(stem.name)}-*")) if folder.is_dir() else ():
+            if extra not in named and extra.stat().st_mtime >= started:
+                print(f"wrote {extra}")
 
 
 def _read_toml(path: pathlib.Path) -> dict:

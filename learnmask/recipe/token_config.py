@@ -17,8 +17,7 @@ TOKEN_METHODS = ("full", "gates", "gates_adaptive", "random", "attention")
 TOKEN_TASKS = ("bbcnews-minilm", "fashion-vit")
 #: Fields that only token gates read: a ``full`` run's key leaves them out.
 GATE_FIELDS = ("keep_ratio", "gate_lr", "controller_lr", "controller_damping", "keep_warmup", "hard_fraction",
-               "token_layers",
-               "gate_init_log_alpha", "adaptive_max_step")
+               "token_layers", "gate_init_log_alpha", "adaptive_max_step")
 #: Fields that only the pruning phase reads: the dense weights' key (:meth:`TokenRunConfig.dense_key`)
 #: leaves them out, so every cell of a grid starts from the dense weights of its task and seed.
 PRUNE_FIELDS = (*GATE_FIELDS, "method", "prune_epochs", "prune_examples", "prune_lr")

@@ -27,7 +27,7 @@ def _pictured_runs(records: list[dict], *, images: bool) -> list[dict]:
     for record in records:
         metrics = record["metrics"]
         inputs = metrics.get("pictured_inputs")
-        if not inputs or not metrics.get("kept_tokens_pictured") or isinstance(inputs[0][0], list) != images:
+        if not inputs or isinstance(inputs[0][0], list) != images:
             continue
         key = (record["row"], record["config"]["keep_ratio"])
         if key not in chosen or record["config"]["seed"] < chosen[key]["config"]["seed"]:
@@ -60,10 +60,9 @@ def write_kept_text(records: list[dict], path: pathlib.Path, *, title: str, comm
         for run in runs:
             metrics = run["metrics"]
             tokens = metrics["pictured_inputs"][example]
-            layers = metrics.get("token_layers") or list(range(len(metrics["kept_tokens_pictured"][example])))
             lines.append(f"**{run['row']}, keep {run['config']['keep_ratio']:.2f}**")
             lines.append("")
-            for layer, kept in zip(layers, metrics["kept_tokens_pictured"][example]):
+            for layer, kept in zip(metrics["token_layers"], metrics["kept_tokens_pictured"][example]):
                 lines.append(f"- after layer {layer} ({len(kept)} of {len(tokens)} kept): "
                              f"{_text_line(tokens, set(kept))}")
             lines.append("")
@@ -87,7 +86,6 @@ def plot_kept_patches(records: list[dict], path: pathlib.Path, *, title: str) ->
                                 squeeze=False)
     for (run, stage), row_axes in zip(panels, axes):
         metrics = run["metrics"]
-        layers = metrics.get("token_layers") or list(range(stage + 1))
         for example, ax in enumerate(row_axes):
             image = np.asarray(metrics["pictured_inputs"][example], dtype=np.float64) / 255.0
             grid = image.shape[0] // PATCH_SIZE
@@ -101,7 +99,7 @@ def plot_kept_patches(records: list[dict], path: pathlib.Path, *, title: str) ->
             ax.set_yticks([])
             if example == 0:
                 ax.set_ylabel(f"{run['row'].split(': ', 1)[-1]}\nkeep {run['config']['keep_ratio']:.2f}, "
-                              f"after layer {layers[stage]}", fontsize=6)
+                              f"after layer {metrics['token_layers'][stage]}", fontsize=6)
     figure.suptitle(textwrap.fill(f"Kept patches (dimmed: closed; background patches are black either way): {title}",
                                   width=24 * examples + 40), fontsize=7)
     figure.tight_layout()

@@ -141,10 +141,14 @@ class TokenTask:
             return loss, loss.item()
         return loss + self.controller.penalty(1.0 - expected), loss.item()
 
-    def _harden(self) -> None:
-        if self.heldout is not None and self.heldout_keep is None:  # (None after a resume past this step)
+    def _measure_heldout(self) -> None:
+        if self.heldout is not None and self.heldout_keep is None:  # (restored after a resume past the hard step)
+            training = self.model.training
             self.heldout_keep = measure.heldout_expected_keep(self.model, self.handle, self.heldout)
-            self.model.train()
+            self.model.train(training)
+
+    def _harden(self) -> None:
+        self._measure_heldout()
         self.handle.tokens.harden()
         self.hardened = True
 
@@ -194,6 +198,8 @@ class TokenTask:
                                  "target": [round(x, 5) for x in self.target_history[::every]]}
         if self.adaptive is not None:
             metrics["adaptive_keep_at_pin"] = self.adaptive_keep_at_pin
+        if self.hard_step is not None and not self.hardened:  # soft gates to the end: measured now
+            self._measure_heldout()
         if self.heldout_keep is not None:
             metrics["heldout_expected_keep"] = self.heldout_keep
             metrics["heldout_expected_keep_error"] = abs(self.heldout_keep - self.handle.tokens.target_keep_ratio)
@@ -209,16 +215,17 @@ def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path, key:
     return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key)
 
 
-def dense_weights(cfg: TokenRunConfig, cache_dir: pathlib.Path, progress: Progress | None = None) -> dict:
+def dense_weights(cfg: TokenRunConfig, data: TaskData, cache_dir: pathlib.Path,
+                  progress: Progress | None = None) -> dict:
     """The dense weights every run of ``cfg``'s task, data and seed starts from: its model
     trained ``epochs`` on ``train_examples`` with every token, from ``cache_dir`` or trained now
-    (one process at a time; resumable from ``cache_dir/run-<dense_key>``)."""
+    on ``data`` (``load_task(cfg)``, its model untrained; one process at a time; resumable from
+    ``cache_dir/run-<dense_key>``)."""
     cache_dir = pathlib.Path(cache_dir)
     key = cfg.dense_key()
     path = cache_dir / f"dense-{key}.pt"
     with exclusive(path):
         if not path.exists():
-            data = load_task(cfg)
             task = TokenTask(cfg, data.model, None, data.train, cfg.epochs)
             loop = _optimizer(cfg, task, cache_dir / f"run-{key}", key, cfg.lr)
             try:
@@ -261,11 +268,6 @@ def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> 
         return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "realized_keep_ratio": 1.0,
                 "realized_keep_per_layer": [], "keep_ratio_error": 0.0, "flop_reduction": 0.0,
                 "flop_reduction_after_first": 0.0, **measure.speed_metrics(speed, 0.0)}
-    expected = {}
-    if cfg.method in ("gates", "gates_adaptive") and not handle.tokens.kind == "topk":  # soft to the end
-        value = measure.heldout_expected_keep(model, handle, test)
-        expected = {"heldout_expected_keep": value,
-                    "heldout_expected_keep_error": abs(value - handle.tokens.target_keep_ratio)}
     logits, kept = measure.gated_eval(model, handle, test)
     pictured = _pictured(handle, data)
     exported = handle.export_token_pruning()
@@ -280,7 +282,7 @@ def evaluate(cfg: TokenRunConfig, data: TaskData, handle: MaskHandle | None) -> 
     return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
             "export_accuracy": float((exported_logits.argmax(-1) == labels).float().mean()), **checked,
             "realized_keep_ratio": kept[-1], "realized_keep_per_layer": kept,
-            "keep_ratio_error": abs(kept[-1] - cfg.keep_ratio), **expected, "token_layers": list(layers),
+            "keep_ratio_error": abs(kept[-1] - cfg.keep_ratio), "token_layers": list(layers),
             **pictured, **flops, **measure.speed_metrics(speed, flops["flop_reduction"])}
 
 
@@ -322,7 +324,7 @@ def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_task(cfg)
     check_pruning_layers(cfg, data.model)  # before any training: the dense phase alone can take minutes
-    data.model.load_state_dict(dense_weights(cfg, cache_dir, progress))
+    data.model.load_state_dict(dense_weights(cfg, data, cache_dir, progress))
     handle = None if cfg.method == "full" else attach_tokens(cfg, data.model)
     task = TokenTask(cfg, data.model, handle, data.train.head(cfg.prune_examples), cfg.prune_epochs, data.test)
     loop = _optimizer(cfg, task, run_dir, cfg.key(), cfg.prune_lr or cfg.lr)
