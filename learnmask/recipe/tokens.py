@@ -14,8 +14,9 @@ the steps:
   of the steps the gates keep exactly the top-k tokens of the learned scores, the eval rule
   (:meth:`~learnmask.inject.tokens.TokenGates.harden`; LTP's hard stage, Kim et al. 2022);
 - ``gates_adaptive``: the same, but a :class:`~learnmask.control.LossAdaptiveController` moves
-  the target from the task loss within ``[keep_ratio, 1]`` (harder while the loss falls), and
-  the target is pinned to ``keep_ratio`` after the warm-up;
+  the target from the task loss within ``[keep_ratio, 1]`` during the warm-up (fewer tokens
+  while the batch loss stays within ``adaptive_tolerance`` of its running level, more when it
+  rises above), then the target glides to ``keep_ratio`` at the controller's step;
 - ``random`` / ``attention``: fixed scorers (:mod:`learnmask.recipe.token_baselines`) with the
   ``topk`` kind, so training already keeps exactly the tokens eval keeps.
 
@@ -103,16 +104,20 @@ class TokenTask:
                                                    damping=cfg.controller_damping)
         if cfg.method == "gates_adaptive":
             step = cfg.adaptive_max_step or min(1.0, 2 * (1 - cfg.keep_ratio) / max(1, self.ramp_steps))
-            self.adaptive = LossAdaptiveController(1.0, r_min=cfg.keep_ratio, r_max=1.0, harder="down", max_step=step)
+            self.adaptive = LossAdaptiveController(1.0, r_min=cfg.keep_ratio, r_max=1.0, harder="down", max_step=step,
+                                                   tolerance=cfg.adaptive_tolerance)
         handle.tokens.keep_ratio = self.keep_at(0)
 
     def keep_at(self, step: int) -> float:
-        """Target keep ratio at ``step`` (linear from 1 over the warm-up; the loss-adaptive
-        controller's value during the warm-up of that row)."""
+        """Target keep ratio at ``step``: linear from 1 over the warm-up, then ``keep_ratio``.
+        The loss-adaptive row: the controller's value during the warm-up, then a glide from
+        there down to ``keep_ratio`` at the controller's step per update."""
+        if self.adaptive is not None:
+            if step < self.ramp_steps:
+                return self.adaptive.ratio
+            return max(self.cfg.keep_ratio, self.adaptive.ratio - self.adaptive.max_step * (step - self.ramp_steps + 1))
         if step >= self.ramp_steps:
             return self.cfg.keep_ratio
-        if self.adaptive is not None:
-            return self.adaptive.ratio
         return 1.0 - (1.0 - self.cfg.keep_ratio) * (step + 1) / self.ramp_steps
 
     def batches(self, start: int):
