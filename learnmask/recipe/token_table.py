@@ -113,7 +113,8 @@ def to_markdown(summaries: list[Summary], *, title: str, command: str, goal_line
             f"| {_cell(_mean(m, 'flop_reduction'), '.1%')} | {_cell(_mean(m, 'relative_throughput_b1'), '.2f')} "
             f"| {_cell(_mean(m, 'relative_throughput_b64'), '.2f')} "
             f"| {_cell(_mean(m, 'time_saved_over_flops_b64'), '.2f')} | {s.epochs} | {s.notes} |")
-    lines += ["", NOTE.format(passes=_timing(summaries, "timed_passes"), seconds=_timing(summaries, "min_pass_seconds"))]
+    timing = {"passes": _timing(summaries, "timed_passes"), "seconds": _timing(summaries, "min_pass_seconds")}
+    lines += ["", NOTE.format(**timing)]
     if goal_lines:
         lines += ["", "Goals (differences of means over seeds, or the worst single run):", *goal_lines]
     return "\n".join(lines) + "\n"
