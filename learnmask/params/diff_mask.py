@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from learnmask.functional import topk_mask
 from learnmask.gates.hard_concrete import HardConcreteGate
-from learnmask.params.persist import ParamMaskHandle, attach, check_loaded_shapes, select_parameters
+from learnmask.params.persist import ParamMaskHandle, attach, check_loaded_shapes, resolve_parameter_names
 
 __all__ = ["DiffMask", "DiffMaskHandle", "apply_diff_masks", "STAGES"]
 
@@ -266,13 +266,13 @@ def apply_diff_masks(
 
     Raises:
         TypeError, ValueError: bad ``parameters`` (see
-            :func:`learnmask.params.persist.select_parameters`), a 0-d parameter, a non-finite
+            :func:`learnmask.params.persist.resolve_parameter_names`), a 0-d parameter, a non-finite
             ``init_log_alpha``, a bad temperature or stretch.
     """
     if isinstance(init_log_alpha, bool) or not isinstance(init_log_alpha, numbers.Real) \
             or not math.isfinite(init_log_alpha):
         raise ValueError(f"init_log_alpha must be a finite number; got {init_log_alpha!r}")
-    chosen = select_parameters(model, parameters)
+    chosen = resolve_parameter_names(model, parameters)
     scalars = [name for name, owner, attr in chosen if owner._parameters[attr].dim() == 0]
     if scalars:
         raise ValueError(f"{scalars} are 0-d parameters; diff masks gate entries of parameters of at least 1 dimension")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["ParamMaskHandle", "export_weights", "select_parameters"]
+__all__ = ["ParamMaskHandle", "export_weights", "resolve_parameter_names"]
 
 
 def _close_names(name: str, known: list[str]) -> str:
@@ -34,7 +34,7 @@ def _close_names(name: str, known: list[str]) -> str:
     return f"close names: {', '.join(close)}" if close else f"its parameters include: {', '.join(known[:6])}"
 
 
-def select_parameters(model: nn.Module, parameters: Iterable[str]) -> list[tuple[str, nn.Module, str]]:
+def resolve_parameter_names(model: nn.Module, parameters: Iterable[str]) -> list[tuple[str, nn.Module, str]]:
     """Validate qualified parameter names of ``model``; return ``(name, owner module, attribute)``.
 
     Args:

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from learnmask.params.persist import ParamMaskHandle, attach, check_loaded_shapes, select_parameters
+from learnmask.params.persist import ParamMaskHandle, attach, check_loaded_shapes, resolve_parameter_names
 
 __all__ = ["WeightMask", "WeightMaskHandle", "apply_weight_masks"]
 
@@ -152,12 +152,12 @@ def apply_weight_masks(
 
     Raises:
         TypeError, ValueError: bad ``parameters`` (see
-            :func:`learnmask.params.persist.select_parameters`), or a non-finite ``init`` or
+            :func:`learnmask.params.persist.resolve_parameter_names`), or a non-finite ``init`` or
             ``threshold``.
     """
     init = _check_finite(init, "init")
     threshold = _check_finite(threshold, "threshold")
-    chosen = select_parameters(model, parameters)
+    chosen = resolve_parameter_names(model, parameters)
     for name, owner, attr in chosen:
         attach(owner, attr, WeightMask(owner._parameters[attr], target=name, init=init, threshold=threshold))
     return WeightMaskHandle(model, [name for name, _, _ in chosen])
