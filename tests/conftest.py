@@ -17,6 +17,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread for the test (tiny tensors: more threads only contend on
+    shared cores, about 15x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(num_labels: int = 3, layers: int = 2, heads: int = 4, hidden: int = 32):
     """A randomly initialised BERT classifier small enough for unit tests."""
     import transformers

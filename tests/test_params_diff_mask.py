@@ -15,14 +15,7 @@ from learnmask.control import LagrangianController
 from learnmask.params.diff_mask import DiffMaskHandle, apply_diff_masks
 from learnmask.params.persist import export_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only contend on the shared cores (about 15x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():
@@ -35,6 +28,13 @@ ALL = ["0.weight", "0.bias", "2.weight", "2.bias"]
 def set_(tensor, values):
     with torch.no_grad():
         tensor.copy_(torch.as_tensor(values, dtype=tensor.dtype).view(tensor.shape))
+
+
+def randomize(model):
+    """Random deltas and gate logits (log_alpha ~ N(0, 9)) on every masked parameter of ``ALL``."""
+    for name in ALL:
+        set_(mask_of(model, name).delta, torch.randn(mask_of(model, name).delta.shape))
+        set_(mask_of(model, name).gate.log_alpha, torch.randn(mask_of(model, name).delta.shape) * 3)
 
 
 def mask_of(model, name):
@@ -160,9 +160,7 @@ def test_magnitude_cut_keeps_exactly_round_budget_total_of_the_largest(budget, s
     torch.manual_seed(seed)
     model = mlp()
     handle = apply_diff_masks(model, ALL)
-    for name in ALL:
-        set_(mask_of(model, name).delta, torch.randn(mask_of(model, name).delta.shape))
-        set_(mask_of(model, name).gate.log_alpha, torch.randn(mask_of(model, name).delta.shape) * 3)
+    randomize(model)
     k = handle.magnitude_cut(budget)
     kept = handle.kept_masks()
     assert k == round(budget * 23) == sum(int(m.sum()) for m in kept.values())
@@ -264,9 +262,7 @@ def staged(stage, seed=5):
     torch.manual_seed(seed)
     model = mlp()
     handle = apply_diff_masks(model, ALL)
-    for name in ALL:
-        set_(mask_of(model, name).delta, torch.randn(mask_of(model, name).delta.shape))
-        set_(mask_of(model, name).gate.log_alpha, torch.randn(mask_of(model, name).delta.shape) * 3)
+    randomize(model)
     if stage != "l0":
         handle.magnitude_cut(0.5)
     if stage == "fixed":

@@ -14,14 +14,7 @@ from learnmask.gates import param_groups
 from learnmask.params.persist import export_weights
 from learnmask.params.weight_mask import WeightMaskHandle, apply_weight_masks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only contend on the shared cores (about 15x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():
