@@ -106,6 +106,10 @@ register_recipe(Recipe("mlm", "learnmask.recipe.mlm_config:MLMRunConfig", "learn
 register_recipe(Recipe("tokens", "learnmask.recipe.token_config:TokenRunConfig", "learnmask.recipe.tokens:fit_tokens",
                        "learnmask.recipe.token_table:write_token_tables",
                        "learnmask.recipe.token_table:plot_accuracy_vs_speed", goals=True))
+register_recipe(Recipe("interference", "learnmask.recipe.interference_config:InterferenceRunConfig",
+                       "learnmask.recipe.interference:fit_interference",
+                       "learnmask.recipe.interference_table:write_interference_tables",
+                       "learnmask.recipe.interference_table:plot_interference", goals=True))
 
 
 def grids_folder() -> Traversable:
