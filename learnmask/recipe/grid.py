@@ -99,11 +99,18 @@ def _as_list(value: Any) -> list:
 
 
 GRID_KEYS = {"name", "title", "seeds", "full_seeds", "defaults", "rows", "goals", "columns", "recipe"}
+#: A trade-off goal: some row other than ``versus`` gains at least ``min_gain`` on ``gain_metric``
+#: while losing at most ``max_loss`` on ``loss_metric`` (means over seeds, minus the ``versus``
+#: row's; optional ``versus_target``: which of its cells). Checked by the recipes whose tables
+#: know it (:func:`learnmask.recipe.interference_table.check_trade_off`).
+TRADE_OFF_FORM = frozenset({"description", "versus", "min_gain", "gain_metric", "max_loss", "loss_metric"})
 GOAL_FORMS = (
     {"description", "row", "target", "versus", "versus_target", "min_difference"},
     {"description", "row", "target", "versus", "versus_target", "max_difference"},
     {"description", "row", "target", "max"},
     {"description", "row", "target", "min"},
+    set(TRADE_OFF_FORM),
+    {*TRADE_OFF_FORM, "versus_target"},
 )
 
 
@@ -113,11 +120,27 @@ def _check_goals(path, goals: list, labels: set[str]) -> tuple[dict, ...]:
         if keys not in GOAL_FORMS:
             forms = " or ".join(str(sorted(form)) for form in GOAL_FORMS)
             raise ValueError(f"{path}: goal {number} has keys {sorted(goal)}; "
-                             f"expected {forms} (plus optional 'metric')")
+                             f"expected {forms} (plus optional 'metric', except in a trade-off goal)")
         for key in ("row", "versus"):
             if key in goal and goal[key] not in labels:
                 raise ValueError(f"{path}: goal {number} names row {goal[key]!r}; rows are {sorted(labels)}")
+        if TRADE_OFF_FORM <= keys:
+            _check_trade_off(f"{path}: goal {number}", goal)
     return tuple(goals)
+
+
+def _check_trade_off(where: str, goal: dict) -> None:
+    if "metric" in goal:
+        raise ValueError(f"{where} is a trade-off goal: it names gain_metric and loss_metric, not metric")
+    for key in ("gain_metric", "loss_metric"):
+        if not isinstance(goal[key], str):
+            raise ValueError(f"{where}: {key} = {goal[key]!r}; expected a metric's name (a string)")
+    for key in ("min_gain", "max_loss"):
+        value = goal[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {key} = {value!r}; expected a number of points")
+    if goal["max_loss"] < 0:
+        raise ValueError(f"{where}: max_loss = {goal['max_loss']!r}; expected >= 0 (the most the row may lose)")
 
 
 def _check_title(path, grid: GridConfig) -> None:

@@ -106,6 +106,9 @@ def _epochs(record: dict) -> int:
 
 
 def _goal_line(goal: dict[str, Any], index: dict) -> str:
+    if "min_gain" in goal:  # a trade-off goal (learnmask.recipe.grid.TRADE_OFF_FORM)
+        return (f"- {goal['description']}: not checked (a trade-off goal; only the interference recipe's table "
+                "checks those)")
     metric = goal.get("metric", "accuracy")
     unit = " points" if metric == "accuracy" else ""
     a = index.get((goal["row"], goal["target"]))
