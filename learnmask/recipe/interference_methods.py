@@ -18,8 +18,16 @@ from torch import Tensor, nn
 
 from learnmask.control import LagrangianController
 from learnmask.control.schedules import LinearWarmup
-from learnmask.params import (ChildTuningF, ParameterMasks, apply_diff_masks, apply_weight_masks,
-                              child_tuning_d_masks, empirical_fisher, fish_masks, freeze)
+from learnmask.params import (
+    ChildTuningF,
+    ParameterMasks,
+    apply_diff_masks,
+    apply_weight_masks,
+    child_tuning_d_masks,
+    empirical_fisher,
+    fish_masks,
+    freeze,
+)
 from learnmask.recipe.interference_config import InterferenceRunConfig
 
 #: The classifier head's parameter names in a ``*ForSequenceClassification`` model.
