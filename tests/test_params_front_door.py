@@ -364,3 +364,26 @@ def test_params_and_heads_on_one_handle_and_remove_restores_bit_identically():
 def test_lm_front_door_names_are_the_params_objects():
     assert lm.freeze is params.freeze and lm.select_parameters is params.select_parameters
     assert lm.ParameterMasks is params.ParameterMasks and lm.export_weights is params.export_weights
+
+
+def test_the_readme_front_door_example_runs_as_written():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "handle.mask_updates(" in c)
+    model = bert()
+    batch = {"input_ids": ids(), "labels": torch.tensor([0, 2])}
+    keep = torch.rand(3, 32, generator=torch.Generator().manual_seed(6)) < 0.5
+    namespace = {"lm": lm, "torch": torch, "model": model, "keep": keep, "task_loss": model(**batch).loss,
+                 "controller": lm.LagrangianController(lm.ConstantTarget(0.5))}
+    exec(compile(code, "README.md", "exec"), namespace)
+    handle = namespace["handle"]
+    assert handle.gated_names == () and len(handle.diff_masks.names) == 16  # every parameter of the top layer
+    assert set(handle.frozen.names) >= {"bert.embeddings.word_embeddings.weight",
+                                        "bert.encoder.layer.0.output.dense.weight"}
+    assert handle.update_masks._handles and torch.isfinite(namespace["loss"])
+    plain = bert()
+    plain.load_state_dict(namespace["plain_state"], strict=True)
+    model.eval()
+    assert torch.equal(plain(ids()).logits, model(ids()).logits)
