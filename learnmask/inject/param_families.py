@@ -153,7 +153,10 @@ class ParameterFamilies:
         from learnmask.params import ParameterMasks
 
         new = ParameterMasks(self.model, masks, grad_scale=grad_scale, mode=mode)
-        targets = [opt for opt in self._optimizers if new._in(opt)]
+        named = dict(self.model.named_parameters())
+        masked = {id(named[name]) for name in new.masks()}
+        targets = [opt for opt in self._optimizers
+                   if any(id(p) in masked for group in opt.param_groups for p in group["params"])]
         if self._optimizers and not targets:
             raise ValueError(f"none of the {len(self._optimizers)} attached optimizers holds a masked parameter "
                              f"(masked: {sorted(new.masks())[:3]}); build the optimizer over them")
