@@ -260,7 +260,9 @@ def export_weights(handle: ParamMaskHandle) -> dict[str, Tensor]:
         RuntimeError: the handle was removed.
         ValueError: another parametrization is stacked on a masked parameter.
     """
-    if not isinstance(handle, ParamMaskHandle) and type(handle).__name__ == "MaskHandle":
+    from learnmask.inject.handle import MaskHandle  # here: learnmask.inject reaches params lazily too
+
+    if isinstance(handle, MaskHandle):
         return handle.export_weights()  # the front door's handle: both mask kinds at once
     if not isinstance(handle, ParamMaskHandle):
         raise TypeError(f"export_weights expects the handle of apply_weight_masks or apply_diff_masks; "
