@@ -4,6 +4,7 @@ The front door, ``import learnmask as lm`` (names load on first use, so the impo
 cheap and pulls in no torch)::
 
     handle = lm.apply_masks(model, heads=True, ffn=True)      # one handle, any granularity
+    # or parameters: lm.apply_masks(model, freeze={"layers": [0, 1]}, diff_masks={"pattern": "*.weight"})
     controller = lm.LagrangianController(lm.LinearWarmup(0.5, warmup_steps=200))
     loss = task_loss + controller.penalty(handle.expected_unit_sparsity("heads"))
     small = handle.finalize()                                # closed units physically removed
@@ -21,6 +22,10 @@ Groups of names (each also in its subpackage):
   ``FixedPenalty``, ``LossAdaptiveController``, ``ConstantTarget``, ``LinearWarmup``,
   ``CubicWarmup``, ``make_schedule``, ``ConstantRate``, ``LinearDecay``, ``CosineDecay``
   (:mod:`learnmask.control`);
+- parameter masks (what fine-tuning may change): ``freeze``, ``select_parameters``,
+  ``ParameterMasks``, ``FrozenParameters``, ``apply_weight_masks``, ``apply_diff_masks``,
+  ``export_weights`` (:mod:`learnmask.params`), also through ``apply_masks(model, freeze={...},
+  weight_masks={...}, diff_masks={...})`` and the handle's ``mask_updates``;
 - masked attention: ``masked_attention``, ``backend_reasons``, ``choose_backend``
   (:mod:`learnmask.ops`) and the attention masks ``AttentionMask``, ``full``, ``causal``,
   ``sliding_window``, ``chunked``, ``padding``, ``from_key_padding_mask``, ``prefix_lm``,
@@ -43,6 +48,8 @@ _HOMES = {
     "learnmask.control": ("LagrangianController", "PIController", "PIDController", "FixedPenalty",
                           "LossAdaptiveController", "ConstantTarget", "LinearWarmup", "CubicWarmup", "make_schedule",
                           "ConstantRate", "LinearDecay", "CosineDecay"),
+    "learnmask.params": ("freeze", "select_parameters", "ParameterMasks", "FrozenParameters", "apply_weight_masks",
+                         "apply_diff_masks", "export_weights"),
     "learnmask.ops": ("masked_attention", "backend_reasons", "choose_backend"),
     "learnmask.masks.attention": ("AttentionMask", "full", "causal", "sliding_window", "chunked", "padding",
                                   "from_key_padding_mask", "prefix_lm", "document", "from_mod"),

@@ -201,7 +201,8 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
 
     Raises:
         TypeError: ``target`` is neither a handle nor a model (``None``, say).
-        ValueError: a handle with token gates and hidden-dimension gates, a model without gates, one
+        ValueError: a handle with token gates and hidden-dimension gates, or with weight or diff
+            masks (``apply_masks(..., weight_masks=...)``), a model without gates, one
             gated through ``target_modules``/``ffn_modules`` without
             ``qkv_modules``/``ffn_up_modules`` (learnmask does not know where its q/k/v and up
             projections are), or a model whose layers changed since it was gated.
@@ -210,6 +211,11 @@ def finalize(target: MaskHandle | nn.Module, *, inplace: bool = False) -> nn.Mod
         raise TypeError(f"finalize expects the handle of apply_masks (or apply_head_gates), or the gated model "
                         f"(an nn.Module); got {type(target).__name__}")
     handle = _handle_of(target) if isinstance(target, nn.Module) else target
+    masked = [family for family in ("weight_masks", "diff_masks") if getattr(handle, family, None) is not None]
+    if masked:
+        raise ValueError(f"finalize prunes unit gates, and this handle also carries {' and '.join(masked)}, whose "
+                         "parametrizations the pruning would cut through; export_weights() bakes parameter masks "
+                         "into plain weights when they are applied on their own")
     tokens = getattr(handle, "tokens", None)
     if tokens is not None and "hidden" in handle.gates:
         raise ValueError("finalize cannot export hidden-dimension gates together with token gates (the token "

@@ -5,6 +5,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from learnmask.inject.param_config import PARAMETER_FAMILIES, check_family
+
 #: Granularities, in the order gates are built: one gate value per attention head ``(L, H)``,
 #: per FFN intermediate unit ``(L, I)``, per hidden dimension ``(d,)``, per whole attention
 #: block ``(L,)`` and per whole FFN block ``(L,)`` (CoFi pruning, Xia, Zhong & Chen 2022).
@@ -22,8 +24,13 @@ class MaskConfig:
     """Which units of a model get gates, and which gate kind.
 
     Attributes:
-        heads, ffn, hidden, attention_blocks, ffn_blocks: gate that granularity (bools; at
-            least one must be on). Defaults: heads only.
+        heads: gate each attention head (bool). Default None: True unless ``tokens`` or a
+            parameter family (``freeze``, ``weight_masks``, ``diff_masks``) is on, so
+            ``apply_masks(model)`` gates heads, ``apply_masks(model, ffn=True)`` heads and FFN
+            units (as before), and ``apply_masks(model, freeze={...})`` gates nothing but
+            freezes; pass ``heads=True`` to add heads to those. Resolved to a bool when built.
+        ffn, hidden, attention_blocks, ffn_blocks: gate that granularity (bools). At least one
+            granularity, ``tokens`` or a parameter family must be on.
         gate: registered gate kind for every granularity (``learnmask.gates.available_gates()``).
         gate_options: keyword options of that kind (e.g. ``{"init_keep_ratio": 0.9}``).
         target_modules: for models of no supported architecture: qualified names of the
@@ -64,9 +71,27 @@ class MaskConfig:
         token_gate_options: keyword options of that kind (its ``temperature``, ``stretch``,
             ``hard``, ``threshold``; ``init_log_alpha`` / ``init_keep_ratio`` set the scorers'
             initial bias).
+        freeze: None, or a table choosing parameters to freeze with
+            :func:`learnmask.params.freeze` (gradient cleared, out of the optimizer once
+            ``handle.attach_optimizer(optimizer)`` is called, norm statistics kept):
+            ``{"layers": [0, 1], "pattern": "bert.embeddings.*"}``. Selection keys, as
+            :func:`learnmask.params.select_parameters` takes them: ``layers`` (transformer layer
+            indices, -1 = top), ``pattern`` (a glob over qualified parameter names,
+            ``"re:<regex>"``, or a list of them), ``predicate`` (``f(name, parameter) -> bool``,
+            from Python only); a parameter matching any of them is chosen.
+        weight_masks: None, or a table of selection keys plus the options of
+            :func:`learnmask.params.apply_weight_masks` (``init``, ``threshold``): piggyback
+            weight masks (Mallya, Davis & Lazebnik 2018) on the chosen parameters.
+        diff_masks: None, or a table of selection keys plus the options of
+            :func:`learnmask.params.apply_diff_masks` (``init_log_alpha``, ``temperature``,
+            ``stretch``): diff masks (Guo, Rush & Kim 2021) on the chosen parameters. A
+            parameter chosen by both ``weight_masks`` and ``diff_masks`` is an error
+            (``apply_masks`` names it).
 
     Raises:
-        ValueError: no granularity on, a non-bool flag, ``tokens`` without ``token_layers`` (or
+        ValueError: nothing on (no granularity, tokens or parameter family), a non-bool flag,
+            a parameter-family table that is not a table, has an unknown key (the known ones
+            named), no selection key, or a bad value, ``tokens`` without ``token_layers`` (or
             layer indices that are not increasing non-negative ints), a ``token_keep_ratio``
             outside (0, 1] or a list of another length or increasing, ``target_modules`` without
             ``num_heads`` (or a ``num_heads`` that is not a positive int), projection lists that
@@ -74,7 +99,7 @@ class MaskConfig:
             a ``backend`` that is not a name, or (in :meth:`from_dict`) an unknown key.
     """
 
-    heads: bool = True
+    heads: bool | None = None
     ffn: bool = False
     hidden: bool = False
     attention_blocks: bool = False
@@ -94,13 +119,21 @@ class MaskConfig:
     token_keep_ratio: float | tuple[float, ...] = 0.7
     token_gate: str = "hard_concrete"
     token_gate_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    freeze: Mapping[str, Any] | None = None
+    weight_masks: Mapping[str, Any] | None = None
+    diff_masks: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for family in PARAMETER_FAMILIES:
+            object.__setattr__(self, family, check_family(family, getattr(self, family)))
+        if self.heads is None:
+            object.__setattr__(self, "heads", not (self.tokens is True or self.parameter_families()))
         for name in (*GRANULARITIES, TOKENS):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        if not any(getattr(self, name) for name in (*GRANULARITIES, TOKENS)):
-            raise ValueError(f"nothing to gate: turn on at least one of {', '.join((*GRANULARITIES, TOKENS))}")
+        if not any(getattr(self, name) for name in (*GRANULARITIES, TOKENS)) and not self.parameter_families():
+            raise ValueError(f"nothing to gate: turn on at least one of {', '.join((*GRANULARITIES, TOKENS))}, "
+                             f"or give one of {', '.join(PARAMETER_FAMILIES)}")
         _check_tokens(self)
         if not isinstance(self.gate, str):
             raise ValueError(f"gate must be a registered gate kind name; got {self.gate!r}")
@@ -153,6 +186,10 @@ class MaskConfig:
     def granularities(self) -> tuple[str, ...]:
         """The granularities turned on, in :data:`GRANULARITIES` order."""
         return tuple(name for name in GRANULARITIES if getattr(self, name))
+
+    def parameter_families(self) -> tuple[str, ...]:
+        """The parameter-mask families given, in :data:`PARAMETER_FAMILIES` order."""
+        return tuple(name for name in PARAMETER_FAMILIES if getattr(self, name) is not None)
 
 
 def _check_tokens(config: MaskConfig) -> None:

@@ -1,6 +1,7 @@
 """The :class:`MaskHandle` that :func:`~learnmask.inject.apply_masks` returns: one object per gated
-model, whatever it gates (heads, FFN units, hidden dimensions, whole blocks), with its gate
-values, sizes, routes and the way back (``remove``).
+model, whatever it gates (heads, FFN units, hidden dimensions, whole blocks, tokens, parameters),
+with its gate values, sizes, routes and the way back (``remove``). The parameter masks' part is
+:class:`~learnmask.inject.param_families.ParameterFamilies`.
 
 Legend: ``L`` layers, ``H`` heads per layer, ``I`` FFN units per layer, ``d`` hidden size.
 Gate shapes: heads ``(L, H)``, ffn ``(L, I)``, hidden ``(d,)``, attention_blocks and
@@ -25,6 +26,7 @@ from learnmask.inject.config import MaskConfig
 from learnmask.inject.costs import expected_layer_parameters, layer_costs
 from learnmask.inject.hidden import HiddenStream
 from learnmask.inject.layout import bias_of
+from learnmask.inject.param_families import ParameterFamilies
 from learnmask.inject.tokens import TokenGates, TokenState
 
 #: The attribute under which a model carries its gates (an ``nn.ModuleDict``).
@@ -47,8 +49,8 @@ class _NoNestedTensor:
         self.encoder.use_nested_tensor = True
 
 
-class MaskHandle:
-    """Gates attached to a model by :func:`apply_masks`.
+class MaskHandle(ParameterFamilies):
+    """Gates and parameter masks attached to a model by :func:`apply_masks`.
 
     Attributes:
         model: the gated model.
@@ -71,6 +73,13 @@ class MaskHandle:
         token_inference: how eval applies the token decisions: ``"drop"`` (default: the kept
             tokens are gathered and the later layers run on the shorter sequence) or ``"mask"``
             (the same hard decisions as the op's ``token_gate``, tokens left in place).
+        frozen, weight_masks, diff_masks, update_masks: the parameter masks (each None when
+            off), see :class:`~learnmask.inject.param_families.ParameterFamilies`:
+            :meth:`mask_updates`, :meth:`attach_optimizer`, :meth:`export_weights`,
+            :meth:`mask_parameters`. With parameter masks only there are no layers and no
+            gates: the unit-gate sizes (:meth:`expected_parameter_sparsity`) raise, and
+            :meth:`detach`/:meth:`attach` have no hooks to move (parameter masks stay until
+            :meth:`remove`).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], gates: dict[str, Gate],
@@ -87,6 +96,7 @@ class MaskHandle:
         self._costs = [layer_costs(layer) for layer in layers]
         self._hooks: list[Any] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
+        self._init_families()
         if tokens is not None:
             TH.check_token_layers(model, layers, tokens, self.attention_paths)
         if register:
@@ -103,6 +113,8 @@ class MaskHandle:
         for key, value in self.__dict__.items():
             if key in ("z", "token_state"):  # the last pass's values: not graph leaves
                 twin.__dict__[key] = {} if key == "z" else TokenState()
+            elif key == "_optimizers":  # the copy's parameters are in none of them
+                twin.__dict__[key] = []
             else:
                 twin.__dict__[key] = copy.deepcopy(value, memo)
         return twin
@@ -110,6 +122,8 @@ class MaskHandle:
     # -- attaching -------------------------------------------------------------------------
 
     def _attach(self) -> None:
+        if not self.gates and self.tokens is None:  # parameter masks only: nothing to hook
+            return
         on = set(self.gates)
         self._hooks.append(self.model.register_forward_pre_hook(H.SampleGates(self, "")))
         for module in self.model.modules():  # nested tensors cannot pass the gates' hooks
@@ -194,13 +208,19 @@ class MaskHandle:
         return [self.gates] + ([self.tokens] if self.tokens is not None else [])
 
     def gate_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable gate parameters (``log_alpha`` of each learnable gate; the token scorers'
-        weights with ``tokens``)."""
-        return (p for m in self._gate_modules() for p in m.parameters() if p.requires_grad)
+        """Trainable gate parameters, to train without weight decay: ``log_alpha`` of each
+        learnable gate; the token scorers' weights with ``tokens``; the weight masks' ``scores``
+        and the diff masks' ``log_alpha`` (as :func:`learnmask.gates.param_groups` groups them)."""
+        own = [p for m in self._gate_modules() for p in m.parameters() if p.requires_grad]
+        return iter(own + [p for p in self._mask_gate_parameters() if p.requires_grad])
+
+    def _gate_owned(self) -> set[int]:
+        return {id(p) for m in self._gate_modules() for p in m.parameters()} | self._mask_gate_owned()
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the model that are not gate parameters."""
-        own = {id(p) for m in self._gate_modules() for p in m.parameters()}
+        """Parameters of the model that are not gate parameters (see :meth:`gate_parameters`):
+        its own (frozen ones included) and the diff masks' ``delta``."""
+        own = self._gate_owned()
         return (p for p in self.model.parameters() if id(p) not in own)
 
     @property
@@ -222,7 +242,10 @@ class MaskHandle:
     # -- sizes -----------------------------------------------------------------------------
 
     def _prunable(self, probs: Mapping[str, Tensor] | None) -> Tensor:
-        """Parameters of the prunable part given keep probabilities (None: all kept)."""
+        """Parameters of the prunable part given keep probabilities (None: all kept); 0 without
+        layers (parameter masks only)."""
+        if not self.layers:
+            return torch.zeros(())
         probs = probs or {}
         d = probs["hidden"].sum() if "hidden" in probs else float(self.layers[0].hidden_size)
         total = torch.zeros(())
@@ -237,8 +260,10 @@ class MaskHandle:
         return {name: gate.keep_probabilities() for name, gate in self.gates.items()}
 
     def dense_parameters(self) -> int:
-        """Parameters of the model without its gates (what it has before pruning)."""
-        return sum(p.numel() for p in self.base_parameters())
+        """Parameters of the model without its gates and parameter masks (what it has before
+        pruning)."""
+        own = self._gate_owned() | self._mask_owned()
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in own)
 
     def prunable_parameters(self) -> int:
         """Parameters whose count depends on a gate: every gated layer (all of its attention,
@@ -252,7 +277,16 @@ class MaskHandle:
 
     def expected_parameter_sparsity(self) -> Tensor:
         """``()`` expected fraction of the prunable parameters removed, in [0, 1], differentiable
-        in the gate logits (see :meth:`prunable_parameters` for what is prunable)."""
+        in the gate logits (see :meth:`prunable_parameters` for what is prunable).
+
+        Raises:
+            ValueError: no unit gates (nothing prunable: parameter masks or tokens only).
+        """
+        if not self.gates:
+            raise ValueError(f"expected_parameter_sparsity measures unit gates, and this handle has none (on: "
+                             f"{', '.join(self.gated_names + self.parameter_families) or 'nothing'}); for diff masks "
+                             "use handle.diff_masks.expected_density(), for weight masks "
+                             "handle.weight_masks.density()")
         return 1.0 - self._prunable(self._keep_probabilities()) / self.prunable_parameters()
 
     def expected_unit_sparsity(self, name: str = "heads") -> Tensor:
@@ -324,7 +358,13 @@ class MaskHandle:
         return round(self.dense_parameters() - self.prunable_parameters() + float(self._prunable(probs)))
 
     def keep_per_layer(self, name: str = "heads") -> list[float]:
-        """Fraction of units each layer keeps under the eval mask of ``name``, in [0, 1]."""
+        """Fraction of units each layer keeps under the eval mask of ``name``, in [0, 1].
+
+        Raises:
+            ValueError: ``name`` is not a unit gate of this handle.
+        """
+        if name not in self.gates:
+            raise ValueError(f"no {name!r} gate on this model; unit gates: {', '.join(self.gates) or 'none'}")
         mask = self.eval_masks()[name] > 0
         return mask.float().reshape(len(self.layers), -1).mean(dim=1).tolist()
 
@@ -388,8 +428,12 @@ class MaskHandle:
         return self.finalize(inplace=inplace)
 
     def remove(self) -> None:
-        """Take every hook, parametrization, route and gate off; the model is then bit-identical
-        (its attention implementation switched back)."""
+        """Take every hook, parametrization, route, gate and parameter mask off; the model is then
+        bit-identical (its attention implementation switched back; frozen parameters get back
+        their ``requires_grad`` and their optimizer groups; update masks leave their optimizers,
+        the weights as they are). The parameter masks' trained state is dropped: call
+        :meth:`export_weights` first to keep it."""
+        self._remove_families()
         self.detach()
         if getattr(self.model, GATES_ATTRIBUTE, None) is self.gates:
             delattr(self.model, GATES_ATTRIBUTE)

@@ -20,6 +20,7 @@ from learnmask.inject.config import MaskConfig
 from learnmask.inject.custom import custom_layers
 from learnmask.inject.handle import GATES_ATTRIBUTE, MaskHandle
 from learnmask.inject.hidden import find_hidden_stream
+from learnmask.inject.param_families import select_families
 from learnmask.inject.tokens import TokenGates
 
 __all__ = ["apply_masks"]
@@ -67,14 +68,17 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
                 gates: Mapping[str, Gate] | None = None, register: bool | None = None,
                 **options: Any) -> MaskHandle:
     """Attach gates to the heads, FFN units, hidden dimensions and/or blocks of ``model``, and/or
-    token gates (``tokens=True``, ``token_layers=[...]``, ``token_keep_ratio=r``; pass
-    ``heads=False`` for tokens alone) on BERT/RoBERTa/DistilBERT/ViT and
-    ``nn.TransformerEncoderLayer`` stacks (DynamicViT, Rao et al. 2021; LTP, Kim et al. 2022;
-    PoWER-BERT, Goyal et al. 2020; see :mod:`learnmask.inject.tokens`).
+    token gates (``tokens=True``, ``token_layers=[...]``, ``token_keep_ratio=r``) on
+    BERT/RoBERTa/DistilBERT/ViT and ``nn.TransformerEncoderLayer`` stacks (DynamicViT, Rao et al.
+    2021; LTP, Kim et al. 2022; PoWER-BERT, Goyal et al. 2020; see :mod:`learnmask.inject.tokens`),
+    and/or parameter masks (``freeze={...}``, ``weight_masks={...}``, ``diff_masks={...}``; see
+    :class:`MaskConfig` and :class:`~learnmask.inject.param_families.ParameterFamilies`). Heads
+    are gated by default unless tokens or parameter masks are asked for (``heads=True`` adds them).
 
     Args:
         model: a supported architecture (``architectures.SUPPORTED``) or, with
-            ``target_modules``/``ffn_modules``, any model.
+            ``target_modules``/``ffn_modules``, any model; with parameter masks only, any
+            ``nn.Module`` (``layers=`` selection still needs recognised transformer layers).
         config: a :class:`MaskConfig`, a mapping of its fields, or None; ``options`` (the same
             fields as keywords) override it.
         gates: ready-made gates by granularity name (e.g. ``{"heads": FixedGate(mask)}``),
@@ -98,7 +102,11 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
             gates where a Hugging Face layer cannot attend through the op, a gate whose shape is
             not the unit count, layers of unequal sizes, a model that already carries learnmask
             gates, ``attention="op"`` where a block cannot attend
-            through the op (each reason named), or an unknown backend name.
+            through the op (each reason named), an unknown backend name; a parameter selection
+            that matches nothing (prefixed with its family: ``"freeze: pattern 'x' matches no
+            parameter ..."``), a parameter chosen by both ``weight_masks`` and ``diff_masks``,
+            or what :func:`learnmask.params.apply_weight_masks` / ``apply_diff_masks`` raise
+            (tied weights, a non-float or 0-d parameter). On an error the model is left as it was.
         TypeError: a ready-made gate that is not a :class:`~learnmask.gates.Gate`.
     """
     if isinstance(config, Mapping) or config is None:
@@ -107,7 +115,8 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
         config = MaskConfig.from_dict({**{f: getattr(config, f) for f in config.__dataclass_fields__}, **options})
     if hasattr(model, GATES_ATTRIBUTE):
         raise ValueError("model already has learnmask gates; call remove() on the first handle before applying again")
-    layers = _layers(model, config)
+    chosen = select_families(model, config)  # before gates rename or add parameters
+    layers = _layers(model, config) if config.granularities() or config.tokens else []
     shapes = _gate_shapes(model, layers, config)
     hidden = find_hidden_stream(model, layers) if config.hidden else None
     built = {}
@@ -138,4 +147,10 @@ def apply_masks(model: nn.Module, config: MaskConfig | Mapping[str, Any] | None 
         if parameter is not None:
             tokens.to(device=parameter.device, dtype=parameter.dtype)
         tokens.train(model.training)
-    return MaskHandle(model, layers, built, config, hidden, register, tokens)
+    handle = MaskHandle(model, layers, built, config, hidden, register, tokens)
+    try:
+        handle._apply_families(config, chosen)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

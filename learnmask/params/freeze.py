@@ -13,6 +13,7 @@ Fine-tuning for Text Classification").
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -166,6 +167,16 @@ class FrozenParameters:
             self._norm_hooks[name] = modules[name].register_forward_pre_hook(_keep_running_stats)
             self._norm_training[name] = modules[name].training
             modules[name].train(False)
+
+    def __deepcopy__(self, memo: dict) -> FrozenParameters:
+        """A copy over ``deepcopy(model)`` (the same copy when both are in one deepcopy call), with
+        the same parameters frozen and norm layers kept, attached to no optimizer: attach it to
+        the copy's own optimizer."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = [] if key in ("_optimizers", "_left") else copy.deepcopy(value, memo)
+        return new
 
     def __repr__(self) -> str:
         return (f"FrozenParameters({len(self._frozen)} parameters of {type(self.model).__name__}, "

@@ -248,7 +248,8 @@ def export_weights(handle: ParamMaskHandle) -> dict[str, Tensor]:
     storage, as ``state_dict()`` gives it).
 
     Args:
-        handle: a :class:`ParamMaskHandle` (weight or diff masks).
+        handle: a :class:`ParamMaskHandle` (weight or diff masks), or the
+            :class:`~learnmask.inject.MaskHandle` of ``apply_masks`` (its ``export_weights()``).
 
     Returns:
         ``dict[str, Tensor]`` that loads with ``load_state_dict(..., strict=True)`` into the
@@ -259,6 +260,10 @@ def export_weights(handle: ParamMaskHandle) -> dict[str, Tensor]:
         RuntimeError: the handle was removed.
         ValueError: another parametrization is stacked on a masked parameter.
     """
+    from learnmask.inject.handle import MaskHandle  # here: learnmask.inject reaches params lazily too
+
+    if isinstance(handle, MaskHandle):
+        return handle.export_weights()  # the front door's handle: both mask kinds at once
     if not isinstance(handle, ParamMaskHandle):
         raise TypeError(f"export_weights expects the handle of apply_weight_masks or apply_diff_masks; "
                         f"got {type(handle).__name__}")
