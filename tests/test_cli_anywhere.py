@@ -40,7 +40,8 @@ def test_reproduce_help_and_table_of_the_committed_results_from_another_folder(e
     assert table.count("\n| ") == 10 and "PARTIAL" not in table  # header + 9 rows, the committed grid's cells
     done = learnmask(elsewhere, "reproduce", "nosuchgrid")
     assert done.returncode == 2
-    assert "no bundled grid 'nosuchgrid'; bundled grids are ['controllers', 'heads', 'interference', 'mlm', 'tokens']" in done.stderr
+    assert ("no bundled grid 'nosuchgrid'; bundled grids are ['controllers', 'heads', 'interference', 'mlm', "
+            "'tokens']") in done.stderr
 
 
 def test_run_a_tiny_config_from_another_folder(elsewhere):

@@ -247,7 +247,7 @@ def fit_interference(cfg: InterferenceRunConfig, run_dir: pathlib.Path, *, cache
         ``changed_parameters``, ``encoder_parameters`` (encoder entries that differ from task
         A's weights); ``mask_density``; ``train_seconds`` (task B), ``epochs`` (task B),
         ``diff_density_trajectory`` (diff masks: ``{"every": k, "density": [...]}``, the
-        expected density every k-th step of stage (a), about 100 points).
+        expected density every k-th step, about 100 points: stage (a), then the fixed mask's).
 
     Raises:
         FileNotFoundError: data or model not installed (the message says how to install them).

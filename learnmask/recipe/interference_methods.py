@@ -1,6 +1,10 @@
 """What each parameter-mask method of the interference recipe does to the model before task B:
 which parameters train, at which rates, and what holds the rest (:mod:`learnmask.params`).
 
+Freezing, weight masks and diff masks go through the front door (:func:`learnmask.apply_masks`
+with ``freeze`` / ``weight_masks`` / ``diff_masks``, one handle); Child-Tuning's and FISH's masks
+come from data and hold at the update through :class:`learnmask.params.ParameterMasks`.
+
 A :class:`Method` is built on the task-A model with task B's new head in place; it gives the
 optimizer groups, hooks into the shared loop's steps, the diff masks' stages, and the plain
 weights the model ends with (for the diff against the weights before task B).
@@ -18,16 +22,8 @@ from torch import Tensor, nn
 
 from learnmask.control import LagrangianController
 from learnmask.control.schedules import LinearWarmup
-from learnmask.params import (
-    ChildTuningF,
-    ParameterMasks,
-    apply_diff_masks,
-    apply_weight_masks,
-    child_tuning_d_masks,
-    empirical_fisher,
-    fish_masks,
-    freeze,
-)
+from learnmask.inject import apply_masks
+from learnmask.params import ChildTuningF, ParameterMasks, child_tuning_d_masks, empirical_fisher, fish_masks
 from learnmask.recipe.interference_config import InterferenceRunConfig
 
 #: The classifier head's parameter names in a ``*ForSequenceClassification`` model.
@@ -61,18 +57,31 @@ class Method:
         self.cfg, self.model = cfg, model
         self.stages = 1
         self.density: float | None = None
-        self.frozen = self.update_masks = self.child_tuning = self.weight_masks = self.diff_masks = None
+        self.update_masks = self.child_tuning = self.weight_masks = self.diff_masks = None
         self.controller: LagrangianController | None = None
         names = encoder_names(model)
         total = sum(p.numel() for n, p in model.named_parameters() if n in names)
         method = cfg.method
+        families: dict = {}  # through the front door: lm.apply_masks(model, freeze=..., ...)
         if method == "freeze_bottom":
             layers = len(model.bert.encoder.layer)
-            self.frozen = freeze(model, layers=list(range(layers // 2)), pattern=f"{ENCODER_PREFIX}embeddings.*")
-            self.density = 1.0 - sum(p.numel() for n, p in model.named_parameters() if n in self.frozen) / total
+            families["freeze"] = {"layers": list(range(layers // 2)), "pattern": f"{ENCODER_PREFIX}embeddings.*"}
         elif method == "head_only":
-            self.frozen = freeze(model, pattern=f"{ENCODER_PREFIX}*")
-            self.density = 0.0
+            families["freeze"] = {"pattern": f"{ENCODER_PREFIX}*"}
+        elif method == "weight_masks":  # piggyback: a mask on every matrix, the rest (biases, norms) frozen
+            masked = {n for n, p in model.named_parameters() if n in names and p.dim() >= 2}
+            families["weight_masks"] = {"predicate": lambda n, _: n in masked}
+            families["freeze"] = {"predicate": lambda n, _: n in names and n not in masked}
+        elif method == "diff_masks":
+            families["diff_masks"] = {"pattern": f"{ENCODER_PREFIX}*"}
+            self.stages = 2
+            self.density = cfg.budget
+        self.handle = apply_masks(model, **families) if families else None
+        if self.handle is not None:
+            self.weight_masks, self.diff_masks = self.handle.weight_masks, self.handle.diff_masks
+        if method in ("freeze_bottom", "head_only"):
+            frozen = {n for n in names if not dict(model.named_parameters())[n].requires_grad}
+            self.density = 1.0 - sum(p.numel() for n, p in model.named_parameters() if n in frozen) / total
         elif method == "child_tuning_f":
             params = {n: p for n, p in model.named_parameters() if n in names}
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
@@ -92,15 +101,6 @@ class Method:
                 child_tuning_d_masks(fisher, cfg.budget)
             self.update_masks = ParameterMasks(model, masks)
             self.density = sum(int(masks[n].sum()) for n in names) / total
-        elif method == "weight_masks":
-            masked = [n for n, p in model.named_parameters() if n in names and p.dim() >= 2]
-            rest = [n for n in names if n not in masked]
-            self.frozen = freeze(model, predicate=lambda n, _: n in rest) if rest else None
-            self.weight_masks = apply_weight_masks(model, masked)
-        elif method == "diff_masks":
-            self.diff_masks = apply_diff_masks(model, names)
-            self.stages = 2
-            self.density = cfg.budget
 
     # -- optimizer ---------------------------------------------------------------------------
     def groups(self, stage: int) -> list[dict]:
@@ -126,8 +126,8 @@ class Method:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook the frozen parameters and the update masks to ``optimizer``."""
-        if self.frozen is not None:
-            self.frozen.attach(optimizer)
+        if self.handle is not None:
+            self.handle.attach_optimizer(optimizer)
         if self.update_masks is not None:
             self.update_masks.attach(optimizer)
 
@@ -180,9 +180,8 @@ class Method:
     # -- after training ----------------------------------------------------------------------
     def plain_weights(self) -> dict[str, Tensor]:
         """The weights the model computes with, as a state dict of its unmodified class."""
-        handle = self.weight_masks or self.diff_masks
-        if handle is not None:
-            return handle.export()
+        if self.weight_masks is not None or self.diff_masks is not None:
+            return self.handle.export_weights()
         return self.model.state_dict()
 
     def final_density(self) -> float | None:
