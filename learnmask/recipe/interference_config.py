@@ -14,7 +14,8 @@ from learnmask.recipe.validated import ValidatedConfig
 #: (a new Bernoulli(``budget``) gradient mask every step, kept gradients scaled by 1/budget) and
 #: task-driven (the ``budget`` fraction of encoder entries with the largest Fisher information);
 #: ``fish`` FISH masks (Sung et al., 2021; ``budget`` of all entries, task B's head inside it);
-#: ``weight_masks`` piggyback masks over frozen encoder weights (Mallya et al., 2018);
+#: ``weight_masks`` piggyback masks over the frozen matrices of the transformer layers (Mallya et
+#: al., 2018; Zhao et al., 2020: embeddings, biases and norms frozen);
 #: ``diff_masks`` diff pruning to ``budget`` of the encoder's entries (Guo et al., 2021);
 #: ``head_only`` only task B's classifier trains.
 METHODS = ("full", "freeze_bottom", "child_tuning_f", "child_tuning_d", "fish", "weight_masks", "diff_masks",

@@ -29,6 +29,8 @@ from learnmask.recipe.interference_config import InterferenceRunConfig
 #: The classifier head's parameter names in a ``*ForSequenceClassification`` model.
 HEAD = ("classifier.weight", "classifier.bias")
 ENCODER_PREFIX = "bert."
+#: The transformer layers' parameters (weight masks cover their matrices, as Zhao et al., 2020).
+LAYERS_PREFIX = "bert.encoder.layer."
 
 
 def encoder_names(model: nn.Module) -> list[str]:
@@ -68,8 +70,9 @@ class Method:
             families["freeze"] = {"layers": list(range(layers // 2)), "pattern": f"{ENCODER_PREFIX}embeddings.*"}
         elif method == "head_only":
             families["freeze"] = {"pattern": f"{ENCODER_PREFIX}*"}
-        elif method == "weight_masks":  # piggyback: a mask on every matrix, the rest (biases, norms) frozen
-            masked = {n for n, p in model.named_parameters() if n in names and p.dim() >= 2}
+        elif method == "weight_masks":  # a mask on every matrix of the layers; embeddings, biases, norms frozen
+            masked = {n for n, p in model.named_parameters()
+                      if n in names and p.dim() >= 2 and n.startswith(LAYERS_PREFIX)}
             families["weight_masks"] = {"predicate": lambda n, _: n in masked}
             families["freeze"] = {"predicate": lambda n, _: n in names and n not in masked}
         elif method == "diff_masks":
