@@ -23,6 +23,9 @@ class FakeData:
     def __init__(self, cfg):
         torch.manual_seed(cfg.seed)
         self.model = tiny_bert(num_labels=2).train()
+        for module in self.model.modules():  # dropout, as the real model has: training draws random numbers
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
         self.pad_id = 0
         self.a_train, self.a_test = synthetic(48, 1), synthetic(24, 2)
         self.b_train, self.b_test = synthetic(40, 3), synthetic(24, 4)
@@ -234,3 +237,16 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, fake, monkeypa
     resumed = I.fit_interference(cfg, run_dir, cache_dir=tmp_path / "resumed" / "cache")
     keys = ("b_correct", "a_correct_head", "a_probe_correct", "changed_parameters", "mask_density")
     assert {k: resumed[k] for k in keys} == {k: straight[k] for k in keys}
+
+
+def test_task_b_does_not_depend_on_whether_task_a_was_cached(tmp_path, fake):
+    """The first cell of a seed trains task A in its process, the others read it from the cache:
+    task B's random draws (dropout; here the diff masks' gate samples) must be the same either way
+    (they once came after task A's)."""
+    cfg = _cfg("diff_masks", 0.05)
+    trained = _run(cfg, tmp_path / "fresh")
+    other = tmp_path / "cached"
+    _run(_cfg("head_only"), other)  # fills the cache
+    cached = _run(cfg, other)
+    assert cached["b_correct"] == trained["b_correct"] and cached["a_correct_head"] == trained["a_correct_head"]
+    assert cached["changed_parameters"] == trained["changed_parameters"]

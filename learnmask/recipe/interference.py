@@ -259,6 +259,9 @@ def fit_interference(cfg: InterferenceRunConfig, run_dir: pathlib.Path, *, cache
     model = data.model
     task_a = task_a_model(cfg, data, cache_dir, progress)
     model.load_state_dict(task_a["weights"])
+    # task B's randomness (dropout, gate samples) must not depend on whether task A was trained in
+    # this process or read from the cache
+    torch.manual_seed(cfg.seed * 1000 + 11)
     head_a = model.classifier
     model.classifier = _new_head(model, data.b_labels, cfg.seed)
     names = encoder_names(model)
