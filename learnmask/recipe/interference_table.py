@@ -209,20 +209,41 @@ def before_task_b(records: list[dict]) -> tuple[float | None, float | None, int]
 #: Settings stated under the title, as read from the runs' configs (those present).
 SETTINGS = (("a_train_examples", "task A training examples"), ("a_test_examples", "task A held out"),
             ("a_epochs", "task A epochs"), ("b_train_examples", "task B training examples"),
-            ("b_test_examples", "task B held out"), ("b_epochs", "task B epochs"), ("max_length", "max length"),
-            ("batch_size", "batch"), ("lr", "lr"))
+            ("b_test_examples", "task B held out"), ("b_epochs", "task B epochs"),
+            ("a_max_length", "task A max length"), ("b_max_length", "task B max length"), ("batch_size", "batch"))
+#: Training settings that rows may set for themselves (stated as the common value, then each
+#: row that differs).
+ROW_SETTINGS = (("lr", "lr"), ("head_lr", "head lr"), ("mask_lr", "weight-mask lr"), ("gate_lr", "diff-gate lr"),
+                ("diff_fixed_fraction", "diff masks' fixed-mask fraction"), ("fisher_batches", "Fisher batches"),
+                ("probe_examples", "probe examples"))
 
 
 def settings_lines(records: list[dict]) -> list[str]:
-    """One line with the subset sizes and epochs the runs used (0: all; a setting that differs
-    between runs shows every value, joined by ``/``)."""
+    """Lines with the subset sizes and epochs the runs used (0: all; a setting that differs
+    between runs shows every value, joined by ``/``), then the training settings: the value
+    most runs used, and each row that used another."""
     configs = [r["config"] for r in records]
     parts = []
     for key, name in SETTINGS:
         values = {str(c[key]) for c in configs if key in c}
         if values:
             parts.append(f"{name} {'/'.join(sorted(values))}")
-    return [f"- {', '.join(parts)} (0: all)"] if parts else []
+    lines = [f"- subsets (0: all) and epochs: {', '.join(parts)}"] if parts else []
+    common, differing = [], {}
+    for key, name in ROW_SETTINGS:
+        values = [r["config"][key] for r in records if key in r["config"]]
+        if not values:
+            continue
+        usual = max(set(values), key=values.count)
+        common.append(f"{name} {usual:g}")
+        for r in records:
+            if key in r["config"] and r["config"][key] != usual:
+                differing.setdefault(r["row"], []).append(f"{name} {r['config'][key]:g}")
+    if common:
+        lines.append(f"- training: {', '.join(common)}")
+    for label, settings in differing.items():
+        lines.append(f"- {label}: {', '.join(dict.fromkeys(settings))}")
+    return lines
 
 
 def _budget(budget: float) -> str:
