@@ -29,6 +29,7 @@ from learnmask.io import atomic_torch_save, exclusive, load_torch_file
 from learnmask.recipe.interference_config import InterferenceRunConfig
 from learnmask.recipe.interference_methods import Method, encoder_names
 from learnmask.recipe.loop import Progress, TrainingLoop, warmup_linear_decay
+from learnmask.recipe.measure import logits_of
 from learnmask.recipe.model import EncodedTexts, batches, bucketed_order, check_positions, encode, load_classifier
 
 logger = logging.getLogger(__name__)
@@ -141,15 +142,9 @@ def _run(loop: TrainingLoop, progress: Progress | None) -> None:
         raise
 
 
-@torch.no_grad()
-def predictions(model: nn.Module, data: EncodedTexts, pad_id: int, batch_size: int = 128) -> list[int]:
+def predictions(model: nn.Module, data: EncodedTexts, pad_id: int) -> list[int]:
     """Per example 1 if ``model`` (eval mode) classifies it right, else 0."""
-    model.eval()
-    correct = []
-    for batch in batches(data, list(range(len(data))), batch_size, pad_id):
-        labels = batch.pop("labels")
-        correct += (model(**batch).logits.argmax(-1) == labels).int().tolist()
-    return correct
+    return (logits_of(model, data, pad_id).argmax(-1) == torch.tensor(data.labels)).int().tolist()
 
 
 @torch.no_grad()

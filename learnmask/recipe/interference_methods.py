@@ -83,8 +83,8 @@ class Method:
         if self.handle is not None:
             self.weight_masks, self.diff_masks = self.handle.weight_masks, self.handle.diff_masks
         if method in ("freeze_bottom", "head_only"):
-            frozen = {n for n in names if not dict(model.named_parameters())[n].requires_grad}
-            self.density = 1.0 - sum(p.numel() for n, p in model.named_parameters() if n in frozen) / total
+            frozen = sum(p.numel() for n, p in model.named_parameters() if n in names and not p.requires_grad)
+            self.density = 1.0 - frozen / total
         elif method == "child_tuning_f":
             params = {n: p for n, p in model.named_parameters() if n in names}
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
