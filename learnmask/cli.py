@@ -3,6 +3,10 @@
 Grids are found by name among the bundled ones (package data, so any folder works) or by path
 (``--grid-file``); what runs them and writes their tables comes from the grid's recipe
 (:mod:`learnmask.recipe.registry`).
+
+``run`` and ``reproduce`` scale out under ``torchrun`` (``torchrun --nproc-per-node 2 -m learnmask
+run config.toml``): every rank trains the same run with DDP, rank 0 writes (see
+:mod:`learnmask.distributed`).
 """
 from __future__ import annotations
 
@@ -67,15 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/single"), help="run folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _distributed_options(run)
     rep = sub.add_parser("reproduce", help="run an ablation grid (resumable) and write its table")
     rep.add_argument("grid", nargs="?", help=f"a bundled grid ({names}); or give --grid-file")
     _grid_options(rep)
     rep.add_argument("--shard", default="0/1", help="run only cells i, i+n, ... of the grid: i/n")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _distributed_options(rep)
     tab = sub.add_parser("table", help="write the table of a grid's results (Markdown and LaTeX)")
     tab.add_argument("grid", nargs="?", help=f"a bundled grid ({names}); or give --grid-file")
     _grid_options(tab)
     return parser
+
+
+def _distributed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                        help="process-group backend under torchrun (default: gloo, since learnmask's recipes train on "
+                             "CPU; nccl needs CUDA)")
 
 
 def _grid_options(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +177,7 @@ def _finished(done: pathlib.Path) -> dict:
 
 def _run(args) -> None:
     """``learnmask run``: one config; a finished run is reported, not trained again."""
+    from learnmask import distributed
     from learnmask.io import atomic_write_text
     from learnmask.recipe.config import RunConfig
     from learnmask.recipe.results import ResultNotWritten, check_writable
@@ -174,12 +187,12 @@ def _run(args) -> None:
     cfg = RunConfig.from_dict({**_read_toml(args.config), **parse_overrides(args.set)}, where=str(args.config))
     run_dir = args.out / f"run-{cfg.key()}"
     done = run_dir / "metrics.json"
-    if done.exists():
+    if distributed.broadcast_object(done.exists()):
         print(f"learnmask: {run_dir} already finished; delete it to run again", file=sys.stderr)
         result = _finished(done)
     else:
-        check_writable(done, what="the run's metrics")
-        if (run_dir / "checkpoint.pt").exists():
+        distributed.on_main(check_writable, done, what="the run's metrics")
+        if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
             print(f"learnmask: resuming {run_dir} from its last checkpoint", file=sys.stderr)
         result = {"config": dataclasses.asdict(cfg)}
 
@@ -192,13 +205,14 @@ def _run(args) -> None:
                     f"its checkpoint stays in {run_dir}: run the same command again to record it"
                 ) from error
 
-        bar = progress_bar(None, not args.no_progress, unit="step")
+        bar = progress_bar(None, not args.no_progress and distributed.is_main(), unit="step")
         try:
             result["metrics"] = fit(cfg, run_dir, cache_dir=args.out / "cache", progress=bar, record=record)
         finally:
             bar.close()
-    print(json.dumps({"config": result["config"], "metrics": _printable(result["metrics"])}, indent=2))
-    print(f"learnmask: all metrics in {done}", file=sys.stderr)
+    if distributed.is_main():
+        print(json.dumps({"config": result["config"], "metrics": _printable(result["metrics"])}, indent=2))
+        print(f"learnmask: all metrics in {done}", file=sys.stderr)
 
 
 def _os_message(error: OSError) -> str:
@@ -218,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     command = "learnmask " + shlex.join(argv)
     try:
+        if args.command in ("run", "reproduce"):
+            from learnmask import distributed
+
+            distributed.init_from_environment(args.backend)
         if args.command == "run":
             _run(args)
         elif args.command == "reproduce":
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             shard = parse_shard(args.shard)
             run_grid(grid, results_path=results, work_dir=work, full=args.full, shard=shard,
                      overrides=parse_overrides(args.set), show_progress=not args.no_progress)
-            _table(args, grid, results, work, command)
+            distributed.on_main(_table, args, grid, results, work, command)
         else:
             grid, results, work = _paths(args)
             _table(args, grid, results, work, command)
@@ -240,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("learnmask: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        from learnmask.distributed import RankFailed
+
+        if not isinstance(error, RankFailed):
+            raise
+        print(f"learnmask: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

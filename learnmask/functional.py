@@ -29,6 +29,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from learnmask.sampling import generator_for
+
 __all__ = [
     "BETA",
     "GAMMA",
@@ -97,7 +99,11 @@ def _check_k(k: int, scores: Tensor) -> int:
 
 
 def _uniform_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """u ~ U(_EPS, 1 - _EPS) with the shape, dtype and device of ``like``."""
+    """u ~ U(_EPS, 1 - _EPS) with the shape, dtype and device of ``like``; ``generator`` None: the
+    training step's shared generator inside :func:`learnmask.sampling.step_sampling`, else torch's
+    global one."""
+    if generator is None:
+        generator = generator_for(like.device)
     u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     return u.clamp(_EPS, 1.0 - _EPS)
 

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from learnmask import distributed
+
 from .schedules import ConstantTarget, Schedule, check_target_sparsity
 
 __all__ = ["lagrangian_penalty", "MultiplierController", "LagrangianController"]
@@ -205,7 +207,9 @@ class MultiplierController:
 
         The recorded ``s`` is consumed: each step needs a fresh :meth:`penalty` call. A
         non-finite recorded ``s`` leaves the multipliers unchanged (warning logged) but
-        still advances ``step_count``.
+        still advances ``step_count``. Under ``torch.distributed`` (two or more ranks) the
+        multipliers move with ``s`` averaged over ranks (:func:`learnmask.distributed.mean`), so
+        every rank holds the same state; every rank must call ``step`` at the same steps.
 
         Raises:
             RuntimeError: no ``s`` recorded since the last step.
@@ -217,6 +221,7 @@ class MultiplierController:
             )
         s, t = self._pending
         self._pending = None
+        s = distributed.mean(s)
         if math.isfinite(s):
             self._update(s - t)
         else:

@@ -17,6 +17,8 @@ import logging
 import math
 from typing import Any
 
+from learnmask import distributed
+
 from .lagrangian import _check_real, _check_state_keys, _check_step_count
 
 __all__ = ["LossAdaptiveController"]
@@ -113,8 +115,13 @@ class LossAdaptiveController:
         return self._ratio
 
     def update(self, loss: float) -> float:
-        """Feed one training loss (any finite real) and return the new ratio."""
-        loss = float(loss)
+        """Feed one training loss (any finite real) and return the new ratio.
+
+        Under ``torch.distributed`` (two or more ranks) the loss is first averaged over ranks
+        (:func:`learnmask.distributed.mean`), so every rank moves to the same ratio; every rank
+        must call ``update`` at the same steps.
+        """
+        loss = distributed.mean(float(loss))
         if not math.isfinite(loss):
             logger.warning(
                 "LossAdaptiveController.update: non-finite loss %r after %d updates; "

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from learnmask.functional import gumbel_sigmoid, hard_concrete_sample, prob_nonzero, straight_through_threshold
 from learnmask.gates import GumbelSigmoidGate, HardConcreteGate, ThresholdGate, TopKGate, make_gate
+from learnmask.sampling import generator_for
 
 __all__ = ["TOKEN_GATE_KINDS", "TokenScorer", "TokenGates", "TokenState", "eval_keep", "gather_kept", "keep_ratios",
            "topk_keep"]
@@ -192,10 +193,11 @@ class TokenGates(nn.Module):
         straight-through (identity) gradient (Sanh, Wolf & Rush 2020).
         """
         t = self.template
+        noise = generator_for(log_alpha.device, "per_example")  # None: torch's global generator
         if isinstance(t, HardConcreteGate):
-            return hard_concrete_sample(log_alpha, temperature=t.temperature, stretch=t.stretch)
+            return hard_concrete_sample(log_alpha, temperature=t.temperature, stretch=t.stretch, generator=noise)
         if isinstance(t, GumbelSigmoidGate):
-            return gumbel_sigmoid(log_alpha, temperature=t.temperature, hard=t.hard)
+            return gumbel_sigmoid(log_alpha, temperature=t.temperature, hard=t.hard, generator=noise)
         if isinstance(t, ThresholdGate):
             return straight_through_threshold(log_alpha, t.threshold)
         assert isinstance(t, TopKGate)

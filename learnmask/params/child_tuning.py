@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from learnmask.params.fish import _check_fisher, _fraction, _keep_count, _top_entries
+from learnmask.sampling import generator_for
 
 
 class MaskTarget(Protocol):
@@ -36,7 +37,9 @@ class ChildTuningF:
             everything (plain fine-tuning).
         generator: a ``torch.Generator`` for the draws (seed it for reproducible masks; seed it
             the same on every DDP rank so the ranks agree); masks are drawn on its device and
-            moved to each parameter's. Default: the global RNG on each parameter's device.
+            moved to each parameter's. Default: the training step's shared generator inside
+            :func:`learnmask.sampling.step_sampling` (the shared loop opens one each step: the
+            same masks on every DDP rank), else the global RNG on each parameter's device.
 
     Raises:
         ValueError: ``p`` outside (0, 1]; ``parameters`` empty or not name -> tensor.
@@ -69,8 +72,9 @@ class ChildTuningF:
         """
         masks = {}
         for name, param in self.parameters.items():
-            device = param.device if self.generator is None else self.generator.device
-            uniform = torch.rand(param.shape, generator=self.generator, device=device)
+            generator = self.generator or generator_for(param.device)  # None: torch's global generator
+            device = param.device if generator is None else generator.device
+            uniform = torch.rand(param.shape, generator=generator, device=device)
             masks[name] = (uniform < self.p).to(param.device)
         return masks, self.grad_scale
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from learnmask import distributed
 from learnmask.control import FixedPenalty, LagrangianController, PIController, control_metrics, make_schedule
 from learnmask.gates import FixedGate
 from learnmask.inject import MaskHandle, apply_masks
@@ -44,7 +45,9 @@ def attach(cfg: RunConfig, model: nn.Module, spec: MaskSpec) -> MaskHandle:
         generator = torch.Generator().manual_seed(cfg.seed)
         for name, gate in list(handle.gates.items()):
             keep = keep_count(gate.numel, cfg.target_sparsity)
-            handle.set_gate(name, FixedGate.random(tuple(gate.shape), keep=keep, generator=generator))
+            random = FixedGate.random(tuple(gate.shape), keep=keep, generator=generator)
+            distributed.broadcast_(random.log_alpha)  # rank 0's draw on every rank (DDP)
+            handle.set_gate(name, random)
     return handle
 
 
@@ -68,6 +71,8 @@ def importance(
     finally:
         handle.capture_grad = False
         model.zero_grad(set_to_none=True)
+    for score in scores.values():  # averaged over DDP ranks before any threshold (identity in one process)
+        distributed.mean_(score)
     return {name: s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12) for name, s in scores.items()}
 
 

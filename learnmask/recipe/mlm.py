@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from learnmask import distributed
 from learnmask.control import LossAdaptiveController, make_rate_schedule
 from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.masks.inputs import IGNORE_INDEX, MaskingVocab, mlm_loss
@@ -31,6 +32,7 @@ from learnmask.recipe.mlm_data import (
     step_generator,
 )
 from learnmask.recipe.model import check_positions, default_model_path, freeze_parameters
+from learnmask.sampling import derive_seed
 
 logger = logging.getLogger(__name__)
 HEAD_PREFIX = "cls.predictions."  # transform (dense + LayerNorm) and bias; the decoder weight is the word embedding
@@ -209,6 +211,8 @@ class MLMTask:
 
     def __init__(self, cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks):
         self.cfg, self.model, self.vocab, self.train = cfg, model, vocab, train
+        self.engine = model  # what the training forward calls: the shared loop sets its DDP wrapper here
+        self.batch_size = cfg.batch_size
         self.total_steps = cfg.steps
         self.policy = RatePolicy(cfg)
         self.rates: list[float] = []
@@ -221,8 +225,12 @@ class MLMTask:
     def loss(self, chosen: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
         self._rate = self.policy.rate(step)
         batch = Chunks(self.train.input_ids[chosen], self.train.word_ids[chosen])
-        ids, labels = mask_chunks(self.cfg.strategy, batch, self.vocab, self._rate, step_generator(self.cfg.seed, step))
-        loss, _ = masked_lm_outputs(self.model, ids, labels)
+        # each DDP rank masks its own chunks: its own stream (rank 0's is the single process's)
+        rank = distributed.rank()
+        generator = (step_generator(self.cfg.seed, step) if rank == 0
+                     else torch.Generator().manual_seed(derive_seed(self.cfg.seed, step, "mlm masks", rank)))
+        ids, labels = mask_chunks(self.cfg.strategy, batch, self.vocab, self._rate, generator)
+        loss, _ = masked_lm_outputs(self.engine, ids, labels)
         return loss, loss.item()
 
     def after_step(self, step: int, task_loss: float, skipped: bool) -> None:

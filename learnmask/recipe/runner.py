@@ -1,6 +1,11 @@
 """The grid runner: every cell of an ablation grid once, resumable, shardable, safe to run from
 several processes at once.
 
+Under ``torchrun`` every rank runs the same cells together (DDP, see
+:mod:`learnmask.distributed`): rank 0 picks the pending cells, claims each one and writes its
+record; the other ranks follow its decisions. ``--shard`` still splits a grid across machines
+(or across independent torchrun groups).
+
 A cell is finished when ``results.jsonl`` holds a record with its key (a hash of its whole
 config); finished cells are never run again or overwritten. A process claims a cell before
 training it (a lock file that the kernel releases when the process ends, however it ends), so
@@ -10,9 +15,11 @@ before writing. A cell interrupted mid-way resumes from its last checkpoint unde
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 
+from learnmask import distributed
 from learnmask.io import claim
 from learnmask.recipe.grid import GridConfig
 from learnmask.recipe.registry import get_recipe
@@ -44,8 +51,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def pending_cells(grid: GridConfig, results_path, *, full=False, shard=(0, 1), overrides=None):
-    """Cells of this shard that have no record in ``results_path`` yet, in grid order."""
-    done = finished_keys(results_path)
+    """Cells of this shard that have no record in ``results_path`` yet, in grid order (under DDP:
+    as rank 0 reads the results file)."""
+    done = distributed.broadcast_object(finished_keys(results_path) if distributed.is_main() else None)
     cells = grid.cells(full=full, overrides=overrides)[shard[0] :: shard[1]]
     return [(label, cfg) for label, cfg in cells if cfg.key() not in done]
 
@@ -72,13 +80,13 @@ def run_grid(
         ValueError, FileNotFoundError: from the configs, data, models or a failed run.
     """
     results_path, work_dir = pathlib.Path(results_path), pathlib.Path(work_dir)
-    check_writable(results_path)
-    check_writable(work_dir, what="checkpoints", folder=True)
+    distributed.on_main(_check_writable, results_path, work_dir)
     todo = pending_cells(grid, results_path, full=full, shard=shard, overrides=overrides)
     logger.info("grid %s: %d cell(s) to run", grid.name, len(todo))
     written = []
     if not todo:
         return written
+    show_progress = show_progress and distributed.is_main()
     bar = progress_bar(len(todo), show_progress, unit="cell")
     try:
         for label, cfg in todo:
@@ -96,18 +104,22 @@ def run_grid(
 
 def run_cell(grid: GridConfig, label: str, cfg, *, results_path: pathlib.Path, work_dir: pathlib.Path,
              show_progress: bool = False) -> dict | None:
-    """Claim, train and record one cell; None when another process holds it or finished it."""
+    """Claim, train and record one cell; None when another process holds it or finished it (under
+    DDP rank 0 claims and decides for every rank, and writes the record)."""
     key = cfg.key()
-    with claim(claim_file(results_path, key)) as mine:
-        if not mine:
+    main = distributed.is_main()
+    with claim(claim_file(results_path, key)) if main else contextlib.nullcontext(True) as mine:
+        if main and not mine:
             logger.warning("cell %r (run %s) is being trained by another process; left to it", label, key)
-            return None
-        if key in finished_keys(results_path):  # finished by another process since we looked
+        # finished by another process since we looked?
+        if not distributed.broadcast_object(bool(mine) and (not main or key not in finished_keys(results_path))):
             return None
         run_dir = work_dir / f"run-{key}"
         written = []
 
         def record(metrics: dict) -> None:
+            if not main:  # rank 0 writes the record
+                return
             entry = make_record(grid.name, label, cfg, metrics)
             try:
                 if append_result(results_path, entry):
@@ -117,13 +129,18 @@ def run_cell(grid: GridConfig, label: str, cfg, *, results_path: pathlib.Path, w
                                        f"({error.strerror or error}); its checkpoint stays in {run_dir}: run the same "
                                        "command again to record it without training again") from error
 
-        steps = progress_bar(None, show_progress, leave=False, unit="step")
+        steps = progress_bar(None, show_progress and main, leave=False, unit="step")
         try:
             get_recipe(grid.recipe).fit_function()(cfg, run_dir, cache_dir=work_dir / "cache", progress=steps,
                                                    record=record)
         finally:
             steps.close()
         return written[0] if written else None
+
+
+def _check_writable(results_path: pathlib.Path, work_dir: pathlib.Path) -> None:
+    check_writable(results_path)
+    check_writable(work_dir, what="checkpoints", folder=True)
 
 
 class _NoBar:

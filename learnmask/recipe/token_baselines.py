@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from learnmask.inject.architectures import LayerSpec
+from learnmask.sampling import generator_for
 
 
 class RandomScorer(nn.Module):
@@ -27,8 +28,9 @@ class RandomScorer(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         shape = hidden.shape[:2]
-        if self.training:
-            return torch.rand(shape, device=hidden.device)
+        if self.training:  # per-example draws: the step's own stream in the shared loop
+            noise = generator_for(hidden.device, "per_example")
+            return torch.rand(shape, generator=noise, device=hidden.device)
         generator = torch.Generator(device=hidden.device).manual_seed(self.seed)
         return torch.rand(shape, generator=generator, device=hidden.device)
 

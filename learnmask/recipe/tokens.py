@@ -85,6 +85,8 @@ class TokenTask:
     def __init__(self, cfg: TokenRunConfig, model: torch.nn.Module, handle: MaskHandle | None, train: Examples,
                  epochs: int, heldout: Examples | None = None):
         self.cfg, self.model, self.handle, self.train, self.epochs = cfg, model, handle, train, epochs
+        self.engine = model  # what the training forward calls: the shared loop sets its DDP wrapper here
+        self.batch_size = cfg.batch_size
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.total_steps = epochs * self.steps_per_epoch
         self.ramp_steps = int(cfg.keep_warmup * self.total_steps)
@@ -136,7 +138,7 @@ class TokenTask:
             if self.hard_step is not None and step >= self.hard_step and not self.hardened:
                 self._harden()
         labels = batch.pop("labels")
-        loss = F.cross_entropy(self.model(**batch).logits, labels)
+        loss = F.cross_entropy(self.engine(**batch).logits, labels)
         if self.handle is None:
             return loss, loss.item()
         expected = self.handle.expected_keep_ratio("tokens")

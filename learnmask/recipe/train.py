@@ -7,6 +7,7 @@ checkpoint is deleted only after its result is recorded (``fit(..., record=...)`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -14,6 +15,7 @@ import pathlib
 
 import torch
 
+from learnmask import distributed
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
 from learnmask.inject import MaskHandle
@@ -101,10 +103,11 @@ def prepare(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | None =
 
 def dense_weights(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | None = None) -> dict:
     """Fine-tuned weights of a dense run, from ``cache_dir`` or by running it now (one process
-    at a time: another one that needs the same weights waits for them)."""
+    at a time: another one that needs the same weights waits for them; under DDP rank 0 holds
+    the lock and decides, and every rank trains the dense run together)."""
     path = pathlib.Path(cache_dir) / f"dense-{cfg.key()}.pt"
-    with exclusive(path):
-        if not path.exists():
+    with exclusive(path) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.broadcast_object(not path.exists()):
             fit(cfg, pathlib.Path(cache_dir) / f"run-{cfg.key()}", cache_dir=cache_dir, progress=progress)
     return load_torch_file(path, what="dense-weights cache")
 
@@ -117,6 +120,8 @@ class ClassifyTask:
 
     def __init__(self, cfg: RunConfig, prepared: Prepared):
         self.cfg, self.p, self.model = cfg, prepared, prepared.model
+        self.engine = self.model  # what the training forward calls: the shared loop sets its DDP wrapper here
+        self.batch_size = cfg.batch_size
         self.steps_per_epoch = math.ceil(len(prepared.train) / cfg.batch_size)
         self.total_steps = prepared.epochs * self.steps_per_epoch
         self.gating = Gating(cfg, prepared.spec, prepared.handle, self.total_steps) if prepared.handle else None
@@ -131,10 +136,12 @@ class ClassifyTask:
                 if index >= skip:
                     yield batch
 
-    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, float]:
+    def before_step(self, step: int) -> None:
         if self.gating is not None:
             self.gating.before_step(step)
-        loss = self.model(**batch).loss
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, float]:
+        loss = self.engine(**batch).loss
         penalty = self.gating.penalty(step) if self.gating is not None else None
         return (loss if penalty is None else loss + penalty), loss.item()
 
@@ -260,16 +267,21 @@ def fit(cfg: RunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progr
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, cache_dir, progress)
     trainer = Trainer(cfg, prepared, run_dir)
-    try:
-        trainer.run(progress)
-        metrics = {"train_seconds": round(trainer.seconds(), 1), "skipped_steps": trainer.loop.skipped,
-                   **prepared.extra, **trainer.final_metrics()}
+
+    def evaluate_and_record(metrics: dict) -> dict:  # rank 0 alone under DDP
         metrics.update(evaluate(prepared, metrics))
         if prepared.handle is None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(prepared.model.state_dict(), cache_dir / f"dense-{cfg.key()}.pt")
         if record is not None:
             record(metrics)
+        return metrics
+
+    try:
+        trainer.run(progress)
+        metrics = {"train_seconds": round(trainer.seconds(), 1), "skipped_steps": trainer.loop.skipped,
+                   **prepared.extra, **trainer.final_metrics()}
+        metrics = distributed.on_main(evaluate_and_record, metrics)
     except BaseException:
         trainer.loop.close()
         raise
