@@ -174,6 +174,8 @@ def test_no_unmarked_decimal_in_the_prose_and_an_unmarked_one_is_caught():
     assert [line.split(" ")[0] for line in unmarked_numbers(added)] == ["94.1"]
     declared = added.replace("<!-- numbers not from tables: ", "<!-- numbers not from tables: 94.1 ")
     assert unmarked_numbers(declared) == []
+    # a unit may follow a number; versions and names are not numbers
+    assert [line.split(" ")[0] for line in unmarked_numbers("a 1.8M model, torch 2.13.0, v2.0, 3.5x")] == ["1.8", "3.5"]
     # numbers in code spans, headings and included tables are not prose
     assert unmarked_numbers("## 1.5 Finalize\n`beta = 0.66`\n<!-- include: x -->\n92.2\n<!-- end include -->\n") == []
 

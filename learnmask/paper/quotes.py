@@ -35,7 +35,7 @@ NUMBER = r"[-−+]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _NUMBER = re.compile(r"(?<![\w.])" + NUMBER)
 QUOTE = re.compile(r"(?<![\w.])(" + NUMBER + r")(%|×)?<!-- ((?:tables|results)/[^:\s]+): (.*?) -->")
 _DECLARED = re.compile(r"<!-- numbers not from tables: (.*?) -->", re.S)
-_DECIMAL = re.compile(r"(?<![\w.])[-−+]?\d+\.\d+(?![\w.]*\w)")
+_DECIMAL = re.compile(r"(?<![\w.])[-−+]?\d+\.\d+(?!\.?\d)")  # (units may follow: 1.8M; not 2.13.0)
 
 
 def normalize(number: str) -> str:
