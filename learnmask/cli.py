@@ -1,4 +1,5 @@
-"""The ``learnmask`` command: ``run`` one config, ``reproduce`` an ablation grid, ``table``.
+"""The ``learnmask`` command: ``run`` one config, ``reproduce`` an ablation grid, ``table``,
+``paper`` (refresh or check ``paper/paper.md`` against the tables).
 
 Grids are found by name among the bundled ones (package data, so any folder works) or by path
 (``--grid-file``); what runs them and writes their tables comes from the grid's recipe
@@ -81,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     tab = sub.add_parser("table", help="write the table of a grid's results (Markdown and LaTeX)")
     tab.add_argument("grid", nargs="?", help=f"a bundled grid ({names}); or give --grid-file")
     _grid_options(tab)
+    pap = sub.add_parser("paper", help="refresh the tables included in paper/paper.md; --check: only check it")
+    pap.add_argument("paper", nargs="?", type=pathlib.Path, default=pathlib.Path("paper/paper.md"),
+                     help="the paper's Markdown (default: paper/paper.md); its tables and results are "
+                          "<its folder>/tables and /results")
+    pap.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 if an included table is stale, a table differs from its "
+                          "regeneration from the results, a quoted number differs from its cell, or a "
+                          "decimal number in the prose is unmarked")
     return parser
 
 
@@ -121,12 +130,26 @@ def _bundled_names() -> list[str]:
     return sorted(bundled_grids())
 
 
-def _table(args, grid, results, work, command: str) -> None:
-    """Tabulate exactly the cells this command selects (seeds, overrides), nothing else."""
+@dataclasses.dataclass(frozen=True)
+class GridTables:
+    """What :func:`write_grid_tables` wrote: ``<stem>.md`` and ``<stem>.tex`` (a recipe may write
+    more pages beside them, named ``<stem>-*``), from ``records``, headed by ``command``."""
+
+    stem: pathlib.Path
+    title: str
+    command: str  # as written at the top of the tables (with the PARTIAL note, if any)
+    records: list
+    summaries: list
+
+
+def write_grid_tables(args, grid, results: pathlib.Path, work: pathlib.Path, command: str) -> GridTables:
+    """Write the tables of exactly the cells ``args`` selects (seeds, overrides), nothing else.
+
+    ``command`` is written at the top of each table, with a PARTIAL note when runs are missing.
+    """
     from learnmask.recipe.registry import get_recipe
     from learnmask.recipe.results import read_results
 
-    started = time.time() - 1.0  # (file times may be coarser than this clock)
     overrides = parse_overrides(args.set)
     configs = [cfg for _, cfg in grid.cells(full=args.full, overrides=overrides)]
     keys = {cfg.key() for cfg in configs}
@@ -137,12 +160,23 @@ def _table(args, grid, results, work, command: str) -> None:
         print(f"learnmask: warning: {missing} of {len(keys)} runs of this table are not finished yet", file=sys.stderr)
     tables = args.tables_dir or (work / "tables" if overrides else pathlib.Path("paper/tables"))
     stem = tables / table_name(grid.name, full=args.full, overrides=overrides)
-    recipe, title = get_recipe(grid.recipe), grid.title_for(configs)
-    summaries = recipe.tables_function()(grid, records, stem, title=title, command=command)
+    title = grid.title_for(configs)
+    summaries = get_recipe(grid.recipe).tables_function()(grid, records, stem, title=title, command=command)
+    return GridTables(stem, title, command, records, summaries)
+
+
+def _table(args, grid, results, work, command: str) -> None:
+    """Tabulate exactly the cells this command selects, draw the figure and name every file written."""
+    from learnmask.recipe.registry import get_recipe
+
+    started = time.time() - 1.0  # (file times may be coarser than this clock)
+    written = write_grid_tables(args, grid, results, work, command)
+    stem, tables = written.stem, written.stem.parent
     print(stem.with_suffix(".md").read_text())
-    print(f"wrote {stem}.md and {stem}.tex ({len(summaries)} rows) from {results}")
+    print(f"wrote {stem}.md and {stem}.tex ({len(written.summaries)} rows) from {results}")
     figure = tables.parent / "figures" / f"{stem.name}.png"
-    if recipe.figure_function()(records, figure, title=f"{title} ({command})"):
+    plot = get_recipe(grid.recipe).figure_function()
+    if plot(written.records, figure, title=f"{written.title} ({written.command})"):
         print(f"wrote {figure}")
     named = {stem.with_suffix(".md"), stem.with_suffix(".tex"), figure}
     for folder in (tables, figure.parent):  # what else the recipe wrote beside them (its own pages)
@@ -215,6 +249,25 @@ def _run(args) -> None:
         print(f"learnmask: all metrics in {done}", file=sys.stderr)
 
 
+def _paper(args) -> int:
+    """``learnmask paper``: refresh the includes (unless --check), then check everything."""
+    from learnmask.paper.build import build, check
+
+    if not args.paper.is_file():
+        raise FileNotFoundError(f"{args.paper} not found; run from the checkout or name the paper's Markdown")
+    if not args.check:
+        files = build(args.paper)
+        print(f"refreshed {len(files)} included files in {args.paper}")
+    problems = check(args.paper, root=args.paper.resolve().parent.parent)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"learnmask: {len(problems)} problems in {args.paper}", file=sys.stderr)
+        return 1
+    print(f"{args.paper}: includes fresh, tables equal to their regeneration, every quote equal to its source")
+    return 0
+
+
 def _os_message(error: OSError) -> str:
     """One line for an OSError: its own message for learnmask's, else the reason and the file."""
     if error.strerror is None:
@@ -238,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             distributed.init_from_environment(args.backend)
         if args.command == "run":
             _run(args)
+        elif args.command == "paper":
+            return _paper(args)
         elif args.command == "reproduce":
             from learnmask.recipe.runner import parse_shard, run_grid
 
