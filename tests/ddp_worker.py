@@ -3,10 +3,12 @@ of the shared loop on a tiny BERT and a toy task, each rank saving what it ends 
 
     torchrun --nproc-per-node N tests/ddp_worker.py OUT CONFIG_JSON [accumulation_steps]
 
-writes ``OUT/rank<r>.pt``: the model's state_dict, every gate's ``log_alpha``, the controller's
-state, the loop's task losses, and the world size.
+writes ``OUT/rank<r>.pt``: the model's state_dict (gates included), the controller's state, the
+loop's task losses, and the world size. With ``STOP_AT=N`` in the environment every rank exits
+(status 3) right after the checkpoint of step N is written, as a killed run would.
 """
 import json
+import os
 import pathlib
 import sys
 
@@ -37,6 +39,16 @@ def main() -> None:
     trainer = recipe.Trainer(cfg, prepared, out / "run")
     if accumulation > 1:
         trainer.loop.accumulation_steps = accumulation
+    stop_at = int(os.environ.get("STOP_AT", "0"))
+    if stop_at:
+        save = trainer.loop.save
+
+        def save_then_stop():
+            save()
+            if trainer.loop.step == stop_at:
+                os._exit(3)
+
+        trainer.loop.save = save_then_stop
     trainer.run()
     state = {
         "world": distributed.world_size(),
