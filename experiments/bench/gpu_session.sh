@@ -45,7 +45,7 @@ stage() {  # stage NAME CAP_S LOG CMD...: runs CMD under timeout, tee'd to LOG, 
 # (b) the kernels on the real GPU: every forward configuration, the log2-gate path, the tuned op at
 # realistic shapes, and the three-way tests of each mask kind in fp32/fp16/bf16 (16 x 16 tiles).
 stage "gpu tests" 110 "$OUT/gpu-tests.log" \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_forward_variants.py \
+    "$PY" -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider tests/test_triton_forward_variants.py \
     tests/test_triton_backend.py -k "cuda or variants or log2 or plan_flags or golden_forward_and_backward"
 
 # (c) the benchmark with the new kernels (tile configurations tuned per case and recorded in the JSON).
@@ -54,7 +54,7 @@ stage "benchmark" 200 "$OUT/bench.log" \
 
 # (b, continued) the rest of the triton backend tests, with the time left.
 stage "more gpu tests" 60 "$OUT/gpu-tests-more.log" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py -k "not golden_forward_and_backward" \
+    "$PY" -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_backend.py -k "not golden_forward_and_backward" \
     tests/test_ops_attention.py
 
 echo "=== done in $(( $(date +%s) - START ))s; files in $OUT ===" | tee -a "$OUT/session.log"
