@@ -18,8 +18,9 @@ The same holds per key j for query intervals (table (B, 4, K)), used by the dK/d
 
 A query block visits key blocks ``[b_start, b_end)`` only (blocks outside are fully masked and never
 touched), in three runs: partial blocks (mask evaluated elementwise), full blocks (no mask), partial
-blocks. Scores live in base 2: ``s2 = log2(e) * scale * q.k + log2 z`` (the kernels take the raw gate z
-and take its log2 themselves, so no separate launch computes it); ``lse2`` is the row's
+blocks. Scores live in base 2: ``s2 = log2(e) * scale * q.k + log2 z`` (small problems pass the raw
+gate z and the kernels take its log2, saving a launch; large ones pass log2 z, computed once, because
+a log2 taken per tile is recomputed by every thread holding the column); ``lse2`` is the row's
 log2-sum-exp2, ``+inf`` for a row with no kept key (its output is exactly 0 and its gradients 0).
 
 Legend: B batch, H query heads, Hkv key/value heads (GROUP = H // Hkv), Q query length, K key length,

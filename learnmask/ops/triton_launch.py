@@ -14,8 +14,9 @@ Python launches it: everything that depends only on the structure, the shapes, t
 scale (tables, constexpr flags, scalar arguments, the tile configuration) is computed once and
 cached in a :class:`LaunchPlan`; a forward is two allocations and one launch, a backward is a few
 allocations, two launches and (with a gate on several kv heads) one sum. The gate's log2 is taken
-inside the kernels, delta = rowsum(dO * O) inside the dQ kernel and the gate gradient dbias / z
-inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_choose`) by
+inside the kernels for small problems (one torch op before the forward from
+``GATE_LOG2_MIN_SCORES`` scores up), delta = rowsum(dO * O) inside the dQ kernel and the gate
+gradient dbias / z inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_choose`) by
 timing each candidate, then the plain jitted kernel is launched (no ``triton.autotune`` dispatch per
 call).
 
@@ -211,7 +212,8 @@ def _pad_dim(d: int) -> int:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the first the preferred one on ties. Checked offline
-# for sm_90 at D = 64 with ptxas (triton 3.9): no spills beyond 8 bytes. Left out for spilling:
+# for sm_90 at D = 64 with ptxas (triton 3.9; fwd with the log2 gate): no spills beyond 8 bytes
+# (cuobjdump --dump-resource-usage: STACK). Left out for spilling:
 # dK/dV (32, 64, 4), (128, 64, 8); fwd (64, 128, 4), (128, 128, 4) (flex's choice; ~450 bytes of
 # spills here). BLOCK 32 variants give small or sparse problems (short sequences, windows) more programs.
 # Forward configurations add SPLIT (see attn_fwd): True runs partial / full / partial blocks, False
