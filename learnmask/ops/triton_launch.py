@@ -16,7 +16,7 @@ cached in a :class:`LaunchPlan`; a forward is two allocations and one launch, a 
 allocations, two launches and (with a gate on several kv heads) one sum. The gate's log2 is taken
 inside the kernels for small problems (one torch op before the forward from
 ``GATE_LOG2_MIN_SCORES`` scores up), delta = rowsum(dO * O) inside the dQ kernel and the gate
-gradient dbias / z inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_choose`) by
+gradient dbias / z inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_tune`) by
 timing each candidate, then the plain jitted kernel is launched (no ``triton.autotune`` dispatch per
 call).
 
