@@ -405,14 +405,19 @@ pointers = dict(Zp="*fp32", LSEp="*fp32", DELTAp="*fp32", DZp="*fp32", PREFIXp="
                 COLp="*i32", QDp="*i64", KDp="*i64", EXACTp="*i32", COUNTp="*i32")
 flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, HAS_GATE=True, HAS_PREFIX=True, HAS_TABLE=True,
              PREC="tf32")
-jobs = [(fk.attn_fwd, c, dict(COUNT=False)) for c in FWD_CONFIGS]
-jobs += [(bk.attn_bwd_dkdv, c, dict(COUNT=False)) for c in DKDV_CONFIGS] + [(bk.attn_bwd_dq, c, {}) for c in DQ_CONFIGS]
+jobs = [(fk.attn_fwd, c[:4], dict(COUNT=False, SPLIT=c[4], GATE_LOG2=True, DOC_CHECK=True)) for c in FWD_CONFIGS]
+jobs += [(bk.attn_bwd_dkdv, c, dict(COUNT=False)) for c in DKDV_CONFIGS]
+jobs += [(bk.attn_bwd_dq, c, dict(GATE_LOG2=True)) for c in DQ_CONFIGS]
+strides = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som"}
 for fn, (m, n, warps, stages), extra in jobs:  # every configuration the CUDA path may choose
     consts = dict(flags, BLOCK_M=m, BLOCK_N=n, **extra)
     signature = {a: "constexpr" if a in consts else pointers.get(a, "*fp16" if a.endswith("p") else
                  "fp32" if a.startswith("scale") else "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=warps, num_stages=stages))
+    # what a launch specializes: 16-aligned pointers and strides (without it, no load is pipelined)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in consts and (a.endswith("p") or a in strides)}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 print("compiled for sm_90")
 """
 

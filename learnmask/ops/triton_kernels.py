@@ -18,8 +18,9 @@ The same holds per key j for query intervals (table (B, 4, K)), used by the dK/d
 
 A query block visits key blocks ``[b_start, b_end)`` only (blocks outside are fully masked and never
 touched), in three runs: partial blocks (mask evaluated elementwise), full blocks (no mask), partial
-blocks. Scores live in base 2: ``s2 = log2(e) * scale * q.k + log2 z`` (the kernels take the raw gate z
-and take its log2 themselves, so no separate launch computes it); ``lse2`` is the row's
+blocks. Scores live in base 2: ``s2 = log2(e) * scale * q.k + log2 z`` (small problems pass the raw
+gate z and the kernels take its log2, saving a launch; large ones pass log2 z, computed once, because
+a log2 taken per tile is recomputed by every thread holding the column); ``lse2`` is the row's
 log2-sum-exp2, ``+inf`` for a row with no kept key (its output is exactly 0 and its gradients 0).
 
 Legend: B batch, H query heads, Hkv key/value heads (GROUP = H // Hkv), Q query length, K key length,
@@ -139,22 +140,33 @@ def _store_tile(base, tile, offs, stride, n, offs_d, DIM: tl.constexpr):
 def _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
              K, start, end, scale_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-             HAS_GATE: tl.constexpr, HAS_TABLE: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax update of one query block over key blocks [start, end)."""
+             HAS_GATE: tl.constexpr, GATE_LOG2: tl.constexpr, DOC_CHECK: tl.constexpr, MASKED: tl.constexpr,
+             PREC: tl.constexpr):
+    """Online-softmax update of one query block over key blocks [start, end).
+
+    ``z_base`` holds the raw gate z, or its log2 when GATE_LOG2 (then no log2 is taken per tile: in the
+    MMA layout each gate value would be recomputed by every thread holding its column). DOC_CHECK
+    compares document ids in partial blocks (off when every batch's key intervals are exact).
+    """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for kb in range(start, end):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, K, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        if HAS_GATE:  # log2 z of the raw gate (log2 0 = -inf removes the key); out-of-range keys read z = 1
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_GATE:  # log2 z (log2 0 = -inf removes the key); out-of-range keys read z = 1 (log2 z = 0)
             if MASKED:
-                s += tl.log2(tl.load(z_base + offs_n, mask=offs_n < K, other=1.0))[None, :]
+                z = tl.load(z_base + offs_n, mask=offs_n < K, other=0.0 if GATE_LOG2 else 1.0)
             else:
-                s += tl.log2(tl.load(z_base + offs_n))[None, :]
+                z = tl.load(z_base + offs_n)
+            if not GATE_LOG2:
+                z = tl.log2(z)
+            s = tl.fma(qk, scale_log2, z[None, :])  # one instruction per score, not a multiply and an add
+        else:
+            s = qk * scale_log2
         if MASKED:
             keep = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-            if HAS_TABLE:
+            if DOC_CHECK:
                 kd = tl.load(kd_base + offs_n, mask=offs_n < K, other=0)
                 keep = keep & ((qd[:, None] == kd[None, :]) | (exact != 0))
             s = tl.where(keep, s, float("-inf"))
@@ -164,7 +176,8 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(v_base, offs_n, svn, K, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)  # accumulates in the MMA's registers
         m_i = m_new
     return acc, l_i, m_i
 
@@ -175,9 +188,18 @@ def attn_fwd(Qp, Kp, Vp, Zp, Op, LSEp, PREFIXp, ROWp, QDp, KDp, EXACTp, COUNTp,
              H, GROUP, Q, K, causal, window, chunk, scale_log2,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PREFIX: tl.constexpr,
-             HAS_TABLE: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr):
-    """Output O (B, H, Q, Dv) and lse2 (B, H, Q) float32 of one (query block, batch*head) program."""
-    pid_m = tl.program_id(0)
+             HAS_TABLE: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, GATE_LOG2: tl.constexpr = False,
+             SPLIT: tl.constexpr = True, DOC_CHECK: tl.constexpr = True):
+    """Output O (B, H, Q, Dv) and lse2 (B, H, Q) float32 of one (query block, batch*head) program.
+
+    ``Zp`` is the gate z (B, K) float32, or log2 z when GATE_LOG2. DOC_CHECK False (with a table)
+    promises that every batch's intervals are exact, so no document ids are compared. SPLIT visits the key blocks in
+    partial / full / partial runs (the mask is evaluated in partial blocks only); otherwise in one
+    run that evaluates the mask in every block (fewer loop prologues when the runs are short, as in
+    sliding windows). Query blocks are taken last first, so with a causal mask the longest rows
+    start first and the short ones fill the tail of the launch (as FlashAttention-2 does).
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -203,15 +225,20 @@ def attn_fwd(Qp, Kp, Vp, Zp, Op, LSEp, PREFIXp, ROWp, QDp, KDp, EXACTp, COUNTp,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
-                             exact, K, b_start, f_start, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                             BLOCK_N, HAS_GATE, HAS_TABLE, True, PREC)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
-                             exact, K, f_start, f_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                             BLOCK_N, HAS_GATE, HAS_TABLE, False, PREC)
-    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
-                             exact, K, f_end, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                             BLOCK_N, HAS_GATE, HAS_TABLE, True, PREC)
+    if SPLIT:
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+                                 exact, K, b_start, f_start, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_N, HAS_GATE, GATE_LOG2, HAS_TABLE and DOC_CHECK, True, PREC)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+                                 exact, K, f_start, f_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_N, HAS_GATE, GATE_LOG2, HAS_TABLE and DOC_CHECK, False, PREC)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+                                 exact, K, f_end, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_N, HAS_GATE, GATE_LOG2, HAS_TABLE and DOC_CHECK, True, PREC)
+    else:
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd,
+                                 exact, K, b_start, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_N, HAS_GATE, GATE_LOG2, HAS_TABLE and DOC_CHECK, True, PREC)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))

@@ -26,20 +26,26 @@ from learnmask.ops.triton_kernels import _NO_SPEC, _block_runs, _col_bounds, _lo
 def _dq_run(dq, q, do, lse2, delta, k_base, v_base, z_base, kd_base, skn, svn, offs_m, lo, hi, qd, exact,
             K, start, end, scale_log2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_TABLE: tl.constexpr,
-            MASKED: tl.constexpr, PREC: tl.constexpr):
-    """dQ of one query block accumulated over key blocks [start, end) (unscaled)."""
+            MASKED: tl.constexpr, PREC: tl.constexpr, GATE_LOG2: tl.constexpr):
+    """dQ of one query block accumulated over key blocks [start, end) (unscaled); ``z_base`` holds z,
+    or log2 z when GATE_LOG2."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for kb in range(start, end):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, K, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base, offs_n, svn, K, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_GATE:
             if MASKED:
-                s += tl.log2(tl.load(z_base + offs_n, mask=offs_n < K, other=1.0))[None, :]
+                z = tl.load(z_base + offs_n, mask=offs_n < K, other=0.0 if GATE_LOG2 else 1.0)
             else:
-                s += tl.log2(tl.load(z_base + offs_n))[None, :]
+                z = tl.load(z_base + offs_n)
+            if not GATE_LOG2:
+                z = tl.log2(z)
+            s = tl.fma(qk, scale_log2, z[None, :])
+        else:
+            s = qk * scale_log2
         if MASKED:
             keep = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             if HAS_TABLE:
@@ -60,8 +66,10 @@ def attn_bwd_dq(Qp, Kp, Vp, Zp, Op, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, 
                 H, GROUP, Q, K, causal, window, chunk, scale, scale_log2,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                HAS_TABLE: tl.constexpr, PREC: tl.constexpr):
+                HAS_TABLE: tl.constexpr, PREC: tl.constexpr, GATE_LOG2: tl.constexpr = False):
     """dQ (B, H, Q, D) and delta (B, H, Q) of one (query block, batch*head) program.
+
+    ``Zp`` is the gate z (B, K) float32, or log2 z when GATE_LOG2 (the forward's, saved).
 
     delta = rowsum(dO * O) (FlashAttention-2's preprocessing) is computed here from the block's O and
     dO tiles and stored for the dK/dV kernel, which is launched after this one on the same stream.
@@ -96,13 +104,13 @@ def attn_bwd_dq(Qp, Kp, Vp, Zp, Op, DOp, LSEp, DELTAp, DQp, PREFIXp, ROWp, QDp, 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, b_start, f_start, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                 HAS_GATE, HAS_TABLE, True, PREC)
+                 HAS_GATE, HAS_TABLE, True, PREC, GATE_LOG2)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, f_start, f_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                 HAS_GATE, HAS_TABLE, False, PREC)
+                 HAS_GATE, HAS_TABLE, False, PREC, GATE_LOG2)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, Zp + b64 * K, KDp + b64 * K, skn, svn, offs_m, lo, hi,
                  qd, exact, K, f_end, b_end, scale_log2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                 HAS_GATE, HAS_TABLE, True, PREC)
+                 HAS_GATE, HAS_TABLE, True, PREC, GATE_LOG2)
     _store_tile(DQp + b64 * sdqb + h * sdqh, (dq * scale).to(DQp.dtype.element_ty), offs_m, sdqm, Q, offs_d, HEAD_DIM)
 
 

@@ -14,8 +14,9 @@ Python launches it: everything that depends only on the structure, the shapes, t
 scale (tables, constexpr flags, scalar arguments, the tile configuration) is computed once and
 cached in a :class:`LaunchPlan`; a forward is two allocations and one launch, a backward is a few
 allocations, two launches and (with a gate on several kv heads) one sum. The gate's log2 is taken
-inside the kernels, delta = rowsum(dO * O) inside the dQ kernel and the gate gradient dbias / z
-inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_choose`) by
+inside the kernels for small problems (one torch op before the forward from
+``GATE_LOG2_MIN_SCORES`` scores up), delta = rowsum(dO * O) inside the dQ kernel and the gate
+gradient dbias / z inside the dK/dV kernel. Tile configurations are chosen once per tuning key (:func:`_tune`) by
 timing each candidate, then the plain jitted kernel is launched (no ``triton.autotune`` dispatch per
 call).
 
@@ -131,6 +132,7 @@ class LaunchPlan:
     row_strides: tuple[int, int]
     col_strides: tuple[int, int]
     meta: dict  # constexpr flags (all but the block sizes and COUNT)
+    fwd_meta: dict  # meta plus the forward kernel's own flags (GATE_LOG2, DOC_CHECK)
     scalars: dict  # H, GROUP, Q, K, causal, window, chunk
     tune_key: tuple
     tables_key: tuple  # (B, Q, K, device) the tables were built for
@@ -185,13 +187,19 @@ def _make_plan(structure, batch, heads, kv_heads, q_len, kv_len, dim, dim_v, dty
                 dummy if t is None else t.kv_doc, dummy if t is None else t.exact)
     meta = dict(HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=_pad_dim(dim), BLOCK_DV=_pad_dim(dim_v), HAS_GATE=has_gate,
                 HAS_PREFIX=prefix is not None, HAS_TABLE=t is not None, PREC=_dot_precision(dtype))
+    gate_log2 = has_gate and batch * heads * q_len * kv_len >= GATE_LOG2_MIN_SCORES
+    # one host sync per plan (plans are cached): with every batch's intervals exact, partial blocks
+    # need no document-id comparison
+    doc_check = t is not None and not bool(t.exact.all())
+    fwd_meta = dict(meta, GATE_LOG2=gate_log2, DOC_CHECK=doc_check)
     scalars = dict(H=heads, GROUP=heads // kv_heads, Q=q_len, K=kv_len, **position)
     tune_key = (_bucket(q_len), _bucket(kv_len), _bucket(batch * heads), heads // kv_heads, dim, dim_v, str(dtype),
-                has_gate, prefix is not None, t is not None, position["causal"], window > 0, chunk > 0)
+                has_gate, prefix is not None, t is not None, position["causal"], window > 0, chunk > 0, gate_log2,
+                doc_check)
     return LaunchPlan(position["causal"], window, chunk, prefix, t, scale, blocks, dummy, pointers,
                       dummy if t is None else t.cols,
                       (0, 0) if t is None else (t.rows.stride(0), t.rows.stride(1)),
-                      (0, 0) if t is None else (t.cols.stride(0), t.cols.stride(1)), meta, scalars, tune_key,
+                      (0, 0) if t is None else (t.cols.stride(0), t.cols.stride(1)), meta, fwd_meta, scalars, tune_key,
                       (batch, q_len, kv_len, device))
 
 
@@ -204,10 +212,19 @@ def _pad_dim(d: int) -> int:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), the first the preferred one on ties. Checked offline
-# for sm_90 at D = 64 with ptxas (triton 3.9): no spills beyond 8 bytes. Left out for spilling:
-# dK/dV (32, 64, 4), (128, 64, 8); fwd (64, 128, 4). BLOCK 32 variants give small or sparse
-# problems (short sequences, windows) more programs.
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+# for sm_90 at D = 64 with ptxas (triton 3.9; fwd with the log2 gate): no spills beyond 8 bytes
+# (cuobjdump --dump-resource-usage: STACK). Left out for spilling:
+# dK/dV (32, 64, 4), (128, 64, 8); fwd (64, 128, 4), (128, 128, 4) (flex's choice; ~450 bytes of
+# spills here). BLOCK 32 variants give small or sparse problems (short sequences, windows) more programs.
+# Forward configurations add SPLIT (see attn_fwd): True runs partial / full / partial blocks, False
+# one run with the mask in every block (one loop prologue instead of three: short runs, windows).
+FWD_CONFIGS = [(128, 64, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 4, 3, False), (128, 128, 8, 3, False),
+               (64, 64, 4, 3, True), (128, 64, 4, 4, True)]
+GATE_LOG2_MIN_SCORES = 1 << 22
+"""From B * H * Q * K scores up, the forward takes log2 of the token gate in one small torch op and
+passes it to the forward and dQ kernels: taken inside them, each value is recomputed by every thread
+holding its column of a tile (in software, ``__nv_log2f``): ~40% of the instructions of an
+unmasked 128 x 64 tile. Below, the extra launch would cost more than it saves."""
 DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 3)]
 DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
 TUNE_WARMUP_MS = 10
@@ -215,13 +232,14 @@ TUNE_REP_MS = 40
 TIE = 1.03
 """A candidate replaces the preferred (earlier) one only when it is more than 3% faster."""
 
-CHOSEN: dict[tuple, tuple[int, int, int, int]] = {}
-"""Tuning key -> chosen (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel (read by the benchmark)."""
+CHOSEN: dict[tuple, tuple] = {}
+"""Tuning key -> chosen (BLOCK_M, BLOCK_N, num_warps, num_stages) (forward: plus SPLIT), per kernel
+(read by the benchmark)."""
 TIMINGS: dict[tuple, dict] = {}
 """Tuning key -> {config: median ms} of the timing that chose it."""
 
 
-def _tune(key: tuple, configs: list, launch) -> tuple[int, int, int, int]:
+def _tune(key: tuple, configs: list, launch) -> tuple:
     """Time ``launch(config)`` for each config (median of ``do_bench``) and keep the fastest."""
     import triton.testing
 
@@ -243,11 +261,21 @@ def _tune(key: tuple, configs: list, launch) -> tuple[int, int, int, int]:
     return chosen
 
 
+def gate_for_kernels(z: Tensor | None, plan: LaunchPlan) -> Tensor | None:
+    """What the forward and dQ kernels read as the gate: z itself, or log2 z (B, K) float32 when the plan
+    says so (``plan.fwd_meta["GATE_LOG2"]``; log2 0 = -inf removes the key, as in the kernels)."""
+    if z is None or not plan.fwd_meta["GATE_LOG2"]:
+        return z
+    return torch.log2(z)
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan,
-            count: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            count: Tensor | None = None, config: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, H, Q, Dv) in q's dtype and lse2 (B, H, Q) float32 (+inf for rows keeping nothing).
 
-    ``z`` is the token gate (B, K) float32 contiguous, or None (then ``plan`` was built without gate).
+    ``z`` is what :func:`gate_for_kernels` returns for the token gate (B, K) float32 contiguous, or None
+    (then ``plan`` was built without gate). ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT)
+    overrides the plan's tile configuration (for tests).
     """
     batch, heads, q_len, _ = q.shape
     out = torch.empty(batch, heads, q_len, v.shape[3], dtype=q.dtype, device=q.device)
@@ -260,13 +288,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan,
     counting = count is not None
 
     def launch(config):
-        block_m, block_n, warps, stages = config
+        block_m, block_n, warps, stages, split = config
         fwd_kernels.attn_fwd[(triton.cdiv(q_len, block_m), batch * heads)](
-            *args, **plan.scalars, scale_log2=scale_log2, **plan.meta, BLOCK_M=block_m, BLOCK_N=block_n,
-            COUNT=counting, num_warps=warps, num_stages=stages)
+            *args, **plan.scalars, scale_log2=scale_log2, **plan.fwd_meta, BLOCK_M=block_m, BLOCK_N=block_n,
+            COUNT=counting, SPLIT=split, num_warps=warps, num_stages=stages)
 
-    if plan.blocks is not None:
-        launch((*plan.blocks, 4, 2))
+    if config is not None:
+        launch(config)
+    elif plan.blocks is not None:
+        launch((*plan.blocks, 4, 2, True))
     else:
         key = ("fwd",) + plan.tune_key
         launch(CHOSEN.get(key) or _tune(key, FWD_CONFIGS, launch))
@@ -274,10 +304,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan,
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, out: Tensor, lse2: Tensor,
-             plan: LaunchPlan, need_dq: bool = True, need_dkdv: bool = True, count: Tensor | None = None):
+             plan: LaunchPlan, need_dq: bool = True, need_dkdv: bool = True, count: Tensor | None = None,
+             z_kernel: Tensor | None = None):
     """(dq, dk, dv, dz_heads): dz_heads (B, Hkv, K) float32 is the gate gradient per kv head (sum it
     over kv heads for dz; None without gate).
 
+    ``z_kernel`` is the forward's :func:`gate_for_kernels` of z (read by the dQ kernel; None: z).
     A gradient that is not needed is None and its kernel is not launched.
     """
     batch, heads, q_len, _ = q.shape
@@ -294,7 +326,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None
     if need_dq:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         sdq = dq.stride()
-        dq_args = (q, k, v, zp, out, grad_out, lse2, delta, dq, prefix_p, row_p, qd_p, kd_p, exact_p,
+        gate_log2 = z is not None and z_kernel is not None and plan.fwd_meta["GATE_LOG2"]
+        dq_args = (q, k, v, z_kernel if gate_log2 else zp, out, grad_out, lse2, delta, dq, prefix_p, row_p, qd_p,
+                   kd_p, exact_p,
                    sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
                    sd[0], sd[1], sd[2], sdq[0], sdq[1], sdq[2], *plan.row_strides)
 
@@ -302,7 +336,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None
             block_m, block_n, warps, stages = config
             bwd_kernels.attn_bwd_dq[(triton.cdiv(q_len, block_m), batch * heads)](
                 *dq_args, **plan.scalars, **scales, **plan.meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps, num_stages=stages)
+                GATE_LOG2=gate_log2, num_warps=warps, num_stages=stages)
 
         if fixed:
             launch_dq((*plan.blocks, 4, 2))
@@ -350,18 +384,19 @@ class FusedMaskedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, z: Tensor | None, plan: LaunchPlan) -> Tensor:
-        out, lse2 = forward(q, k, v, z, plan)
-        ctx.save_for_backward(q, k, v, z, out, lse2)
+        z_kernel = gate_for_kernels(z, plan)
+        out, lse2 = forward(q, k, v, z_kernel, plan)
+        ctx.save_for_backward(q, k, v, z, out, lse2, z_kernel)
         ctx.plan = plan
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, z, out, lse2 = ctx.saved_tensors
+        q, k, v, z, out, lse2, z_kernel = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dz_heads = backward(grad_out, q, k, v, z, out, lse2, ctx.plan, need_dq=needs[0],
-                                        need_dkdv=needs[1] or needs[2] or needs[3])
+                                        need_dkdv=needs[1] or needs[2] or needs[3], z_kernel=z_kernel)
         dz = None
         if z is not None and needs[3]:
             dz = dz_heads[:, 0] if dz_heads.shape[1] == 1 else dz_heads.sum(dim=1)
