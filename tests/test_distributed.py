@@ -202,8 +202,9 @@ def test_a_run_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_pat
 
 @pytest.mark.slow
 def test_a_model_saved_from_rank_0_loads_strictly_into_a_single_process_model(tmp_path):
-    import learnmask as lm
     from conftest import tiny_bert
+
+    import learnmask as lm
     from learnmask.gates import FixedGate
 
     rank0 = _fit(tmp_path, 2, CONFIG)[0]["model"]
