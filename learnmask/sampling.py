@@ -79,6 +79,17 @@ def step_sampling(seed: object, step: int, rank: int = 0, micro: int = 0) -> Ite
         _ACTIVE.reset(token)
 
 
+def open_step(seed: object, step: int, rank: int = 0) -> contextvars.Token:
+    """Start drawing from the step's generators until :func:`close_step` (for loops that are not
+    one Python block, such as a Hugging Face ``Trainer``'s callbacks); returns the token to close."""
+    return _ACTIVE.set(StepSampling(seed, step, rank))
+
+
+def close_step(token: contextvars.Token) -> None:
+    """End what :func:`open_step` started (back to what was active before it)."""
+    _ACTIVE.reset(token)
+
+
 def generator_for(device: torch.device | str, stream: str = "shared") -> torch.Generator | None:
     """The active step's generator for ``stream`` on ``device``; None (torch's global
     generator) outside :func:`step_sampling`."""

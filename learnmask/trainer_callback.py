@@ -22,7 +22,11 @@ What the callback does, at each point of the ``Trainer``'s loop:
 - ``on_optimizer_step`` (right after the Trainer's optimizer step, on the same gradients, after
   its gradient clipping): steps the gate optimizer (under ``torch.distributed``, on gate
   gradients averaged over the ranks first).
-- ``on_step_end``: ``controller.step()``, once per optimizer step.
+- ``on_step_begin`` / ``on_step_end``: the gates' samples of the step come from a generator seeded
+  by ``args.seed`` and the step (:func:`learnmask.sampling.open_step`; the rank folded into token
+  gates' per-example noise), so every DDP rank draws the same head/FFN/hidden/block samples
+  whatever its dropout consumed; ``on_step_end`` also calls ``controller.step()``, once per
+  optimizer step (on the sparsity averaged over ranks).
 - ``on_log``: adds the expected sparsity and the controller's numbers to the logs and to
   ``state.log_history`` (reporting callbacks the Trainer runs before this one, TensorBoard
   included, do not see them: log them from ``handle``/``controller`` where that matters).
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from learnmask import sampling
 from learnmask.io import atomic_torch_save, atomic_write_text, load_torch_file
 
 CONTROLLER_FILE = "learnmask_controller.json"
@@ -122,9 +127,19 @@ class GateCallback(TrainerCallback):
                     p.grad /= torch.distributed.get_world_size()
         self.optimizer.step()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._close_sampling()
+        self._sampling = sampling.open_step(args.seed, state.global_step, args.process_index)
+
     def on_step_end(self, args, state, control, **kwargs):
+        self._close_sampling()
         if self.controller is not None:
             self.controller.step()
+
+    def _close_sampling(self) -> None:
+        if getattr(self, "_sampling", None) is not None:
+            sampling.close_step(self._sampling)
+            self._sampling = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -148,6 +163,7 @@ class GateCallback(TrainerCallback):
             atomic_write_text(folder / CONTROLLER_FILE, json.dumps(self.controller.state_dict()))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._close_sampling()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -3,7 +3,9 @@ tiny BERT with token gates after layer 0, where rank 0's examples hold CLS alone
 position is padding, which is never kept: no token of that batch is open after the pruning
 layer), in two cases: every head gate hard-zero (a FixedGate of zeros), or every head open. One
 DDP step with ``find_unused_parameters=False`` each; each rank saves the gradients DDP gave it
-and the gradients of its own batch alone (``OUT/<case><rank>.pt``).
+and the gradients of its own batch alone (``OUT/<case><rank>.pt``). Then, in ``OUT/rest<rank>.pt``:
+the empirical Fisher of the rank's own batch (averaged over ranks, and alone), Child-Tuning-F's
+masks of one step, and a Lagrangian and a loss-adaptive controller fed a different value on each rank.
 
     torchrun --nproc-per-node 2 tests/ddp_grads_worker.py OUT
 """
@@ -44,6 +46,33 @@ def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def rest(rank: int) -> dict:
+    from unittest import mock
+
+    from learnmask.params import ChildTuningF, empirical_fisher
+
+    model = tiny_bert(num_labels=2, layers=1, heads=2)
+    chosen = ["classifier.weight", "bert.encoder.layer.0.output.dense.weight"]
+
+    def fisher():
+        return empirical_fisher(model, [batch_of(rank)], lambda m, b: m(**b).loss, parameters=chosen)
+
+    averaged = fisher()
+    with mock.patch.object(distributed, "active", lambda: False):
+        alone = fisher()
+    params = dict(model.named_parameters())
+    with step_sampling("run", 5, rank):
+        masks, _ = ChildTuningF({name: params[name] for name in chosen}, p=0.3).sample()
+    lagrangian = lm.LagrangianController(0.5, lr=0.5)
+    lagrangian.penalty(torch.tensor(0.2 + 0.4 * rank, dtype=torch.float64))  # a token keep ratio measured on other examples
+    lagrangian.step()
+    adaptive = lm.LossAdaptiveController(0.15, r_min=0.1, r_max=0.4, max_step=0.01)
+    for loss in (2.0, 1.0 + rank, 3.0 - rank):
+        adaptive.update(loss)
+    return {"fisher": averaged, "fisher_alone": alone, "child_tuning": masks, "lagrangian": lagrangian.state_dict(),
+            "adaptive": adaptive.state_dict()}
+
+
 def main() -> None:
     out = pathlib.Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -61,6 +90,7 @@ def main() -> None:
             kept = [mask.clone() for mask in handle.token_masks()]
             loss.backward()
         torch.save({"ddp": grads(model), "local": local, "kept": kept}, out / f"{case}{rank}.pt")
+    torch.save(rest(rank), out / f"rest{rank}.pt")
     torch.distributed.destroy_process_group()
 
 

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -132,15 +131,9 @@ def test_accumulation_steps_must_be_a_positive_int(tiny, tmp_path):
 # -- two processes (gloo) under torchrun ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / script), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(HERE / script), *args]  # --standalone: torchrun picks a free port itself
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
 
@@ -223,10 +216,17 @@ def test_a_model_saved_from_rank_0_loads_strictly_into_a_single_process_model(tm
     assert torch.allclose(final(input_ids=ids).logits, gated, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_closed_gates_raise_no_ddp_error_and_their_gradients_are_the_ranks_average(tmp_path):
-    done = torchrun(2, "ddp_grads_worker.py", str(tmp_path))
+@pytest.fixture(scope="module")
+def grads_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grads")
+    done = torchrun(2, "ddp_grads_worker.py", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_closed_gates_raise_no_ddp_error_and_their_gradients_are_the_ranks_average(grads_run):
+    tmp_path = grads_run
     for case in ("heads_closed", "heads_open"):
         first, second = (torch.load(tmp_path / f"{case}{r}.pt") for r in (0, 1))
         assert first["kept"][0].sum() == 3  # rank 0: CLS alone is open in each of its 3 examples
@@ -253,3 +253,18 @@ def test_nccl_on_a_cpu_run_under_torchrun_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     done = torchrun(2, "ddp_worker.py", str(tmp_path), json.dumps({**CONFIG, "backend": "nccl"}))
     assert done.returncode != 0 and "nccl backend cannot run a model on cpu" in done.stderr
+
+
+@pytest.mark.slow
+def test_fisher_child_tuning_and_controllers_agree_across_ranks(grads_run):
+    first, second = (torch.load(grads_run / f"rest{r}.pt") for r in (0, 1))
+    for name, value in first["fisher"].items():  # averaged before any threshold: the mean of the ranks' own
+        assert torch.equal(value, second["fisher"][name])
+        torch.testing.assert_close(value, (first["fisher_alone"][name] + second["fisher_alone"][name]) / 2)
+        assert not torch.equal(first["fisher_alone"][name], second["fisher_alone"][name])
+    assert all(torch.equal(m, second["child_tuning"][k]) for k, m in first["child_tuning"].items())
+    assert first["lagrangian"] == second["lagrangian"] and first["adaptive"] == second["adaptive"]
+    one = __import__("learnmask").LagrangianController(0.5, lr=0.5)
+    one.penalty(torch.tensor(0.4, dtype=torch.float64))  # the mean of the ranks' 0.2 and 0.6
+    one.step()
+    assert one.state_dict() == pytest.approx(first["lagrangian"], abs=1e-12)

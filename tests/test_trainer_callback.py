@@ -128,3 +128,30 @@ def test_the_expected_sparsity_and_the_controllers_numbers_reach_the_trainers_lo
         assert 0.0 <= entry["learnmask/expected_sparsity"] <= 1.0
         assert entry["learnmask/target"] == 0.5 and "learnmask/lambda_1" in entry
     assert logged[-1]["learnmask/lambda_1"] == controller.state_dict()["lambda_1"]
+
+
+def test_gate_samples_come_from_the_steps_generator_whatever_the_global_rng_did(tmp_path):
+    """Under DDP every rank must draw the same gate samples although dropout advanced each rank's
+    global RNG differently: the callback draws them from a generator of (args.seed, step)."""
+    from learnmask.functional import hard_concrete_sample
+    from learnmask.sampling import StepSampling
+
+    model = tiny_bert()
+    handle = lm.apply_masks(model, heads=True, gate_options={"init_log_alpha": 0.0})
+    gate = handle.gates["heads"]
+    seen = []
+
+    def record(module, args):  # runs after learnmask's own pre-hook has drawn the step's sample
+        if module.training:
+            torch.rand(int(torch.randint(1, 50, ()).item()))  # another rank's dropout would advance the global RNG
+            seen.append((gate.log_alpha.detach().clone(), handle.z["heads"].detach().clone()))
+
+    model.register_forward_pre_hook(record)
+    trainer = Trainer(model=model, args=_args(tmp_path, seed=7), train_dataset=_data(),
+                      callbacks=[lm.GateCallback(handle, lm.FixedPenalty(1.0))])
+    trainer.train()
+    assert len(seen) == 6
+    for step, (log_alpha, z) in enumerate(seen):
+        expected = hard_concrete_sample(log_alpha, temperature=gate.temperature, stretch=gate.stretch,
+                                        generator=StepSampling(7, step).generator("cpu"))
+        assert torch.equal(z, expected), step

@@ -27,6 +27,8 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
+from learnmask import distributed
+
 
 def _chosen(model: nn.Module, parameters: Mapping[str, Tensor] | Iterable[str] | None) -> dict[str, Tensor]:
     """name -> parameter of ``model`` whose Fisher is wanted (validated)."""
@@ -107,7 +109,11 @@ def empirical_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.
         name -> Fisher of that parameter's shape, ``>= 0``, detached, on the parameter's device,
         accumulated in float32 (float64 for float64 parameters). Units: squared loss units per
         squared parameter unit. The parameters' ``.grad`` are not touched (gradients are taken
-        with ``torch.autograd.grad``; tensor hooks on the parameters do see them).
+        with ``torch.autograd.grad``; tensor hooks on the parameters do see them). Under
+        ``torch.distributed`` (two or more ranks) the estimate is averaged over ranks
+        (:func:`learnmask.distributed.mean_`) before it is returned, so every rank thresholds the
+        same scores: give each rank its own share of the batches (the same number of terms on
+        each) for the Fisher of all of them, or the same batches on every rank.
 
     Raises:
         ValueError: ``num_batches`` not an int >= 1; no batches, or fewer than ``num_batches``;
@@ -146,8 +152,9 @@ def empirical_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.
         raise ValueError(f"num_batches={num_batches} but batches gave only {seen}")
     if terms == 0:
         raise ValueError(f"the {seen} batch(es) held no example (per-example losses of shape (0,))")
+    for total in totals.values():  # every rank reduces every total before any rank may raise below
+        distributed.mean_(total.div_(terms))
     for name, total in totals.items():
-        total.div_(terms)
         if not torch.isfinite(total).all():
             raise ValueError(f"the Fisher of {name!r} is not finite: a NaN or inf gradient in the batches")
     return totals
