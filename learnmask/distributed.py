@@ -20,10 +20,11 @@ than one rank, so single-process code calls them unconditionally.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -198,6 +199,18 @@ def on_main(function, *args, **kwargs) -> Any:
     if outcome[0] == "error":
         raise RankFailed(f"rank 0 failed, so rank {rank()} stops too: {outcome[1]}")
     return outcome[1]
+
+
+@contextlib.contextmanager
+def exclusive(path) -> Iterator[None]:
+    """:func:`learnmask.io.exclusive` on ``path`` held by rank 0 for the whole group (the other
+    ranks take no lock: they follow rank 0's decisions, e.g. ``broadcast_object(not
+    path.exists())``, and would deadlock waiting for a lock that rank 0 holds while it waits for
+    them at a collective)."""
+    from learnmask.io import exclusive as lock
+
+    with lock(path) if is_main() else contextlib.nullcontext():
+        yield
 
 
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learnmask.io import atomic_torch_save, exclusive, load_torch_file
+from learnmask import distributed
+from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.recipe.interference_config import InterferenceRunConfig
 from learnmask.recipe.interference_methods import Method, encoder_names
 from learnmask.recipe.loop import Progress, TrainingLoop, warmup_linear_decay
@@ -198,8 +199,8 @@ def task_a_model(cfg: InterferenceRunConfig, data: Data, cache_dir: pathlib.Path
     ``cache_dir`` or trained now on ``data.model`` (one process at a time; resumable)."""
     key = cfg.task_a_key()
     path = pathlib.Path(cache_dir) / f"task-a-{key}.pt"
-    with exclusive(path):
-        if not path.exists():
+    with distributed.exclusive(path):  # under DDP: rank 0 locks and decides, every rank trains, rank 0 writes
+        if distributed.broadcast_object(not path.exists()):
             model = data.model
             task = PhaseTask(model, data.a_train, batch_size=cfg.batch_size, pad_id=data.pad_id, seed=cfg.seed,
                              epochs=cfg.a_epochs)
@@ -208,7 +209,7 @@ def task_a_model(cfg: InterferenceRunConfig, data: Data, cache_dir: pathlib.Path
             loop = _loop(task, groups, path.parent / f"run-task-a-{key}", key, cfg.warmup_ratio)
             _run(loop, progress)
             measures = task_a_measures(model, data, cfg)
-            atomic_torch_save({"weights": model.state_dict(), **measures}, path)
+            distributed.on_main(atomic_torch_save, {"weights": model.state_dict(), **measures}, path)
             loop.finish()
     return load_torch_file(path, what="task-A model cache")
 

@@ -128,7 +128,7 @@ def warm_head(
         ``{"accuracy", "loss", "masked_tokens", "seconds"}`` on the held-out set after warm-up.
     """
     path = pathlib.Path(cache_dir) / f"mlm-head-{cfg.head_key()}.pt"
-    if path.exists():
+    if distributed.broadcast_object(path.exists()):  # under DDP: rank 0 decides, every rank warms up alike
         cached = load_torch_file(path, what="MLM head cache")
         unexpected = model.load_state_dict(cached["head"], strict=False).unexpected_keys
         if unexpected:
@@ -156,7 +156,7 @@ def warm_head(
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
     metrics = {**evaluate_mlm(model, *evaluation), "seconds": round(time.perf_counter() - started, 1)}
-    atomic_torch_save({"head": head_state(model), "metrics": metrics}, path)
+    distributed.on_main(atomic_torch_save, {"head": head_state(model), "metrics": metrics}, path)
     return metrics
 
 

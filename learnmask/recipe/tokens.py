@@ -33,10 +33,11 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
+from learnmask import distributed
 from learnmask.control import LagrangianController, LossAdaptiveController, control_metrics
 from learnmask.gates import param_groups
 from learnmask.inject import MaskHandle, apply_masks
-from learnmask.io import atomic_torch_save, exclusive, load_torch_file
+from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.recipe import token_measure as measure
 from learnmask.recipe.loop import Progress, TrainingLoop, warmup_linear_decay
 from learnmask.recipe.token_config import TokenRunConfig
@@ -231,13 +232,13 @@ def dense_weights(cfg: TokenRunConfig, data: TaskData, cache_dir: pathlib.Path,
     cache_dir = pathlib.Path(cache_dir)
     key = cfg.dense_key()
     path = cache_dir / f"dense-{key}.pt"
-    with exclusive(path):
-        if not path.exists():
+    with distributed.exclusive(path):  # under DDP: rank 0 locks and decides, every rank trains, rank 0 writes
+        if distributed.broadcast_object(not path.exists()):
             task = TokenTask(cfg, data.model, None, data.train, cfg.epochs)
             loop = _optimizer(cfg, task, cache_dir / f"run-{key}", key, cfg.lr)
             try:
                 loop.run(progress)
-                atomic_torch_save(data.model.state_dict(), path)
+                distributed.on_main(atomic_torch_save, data.model.state_dict(), path)
             except BaseException:
                 loop.close()
                 raise

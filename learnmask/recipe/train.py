@@ -7,7 +7,6 @@ checkpoint is deleted only after its result is recorded (``fit(..., record=...)`
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -19,7 +18,7 @@ from learnmask import distributed
 from learnmask.data import load_dataset
 from learnmask.gates import FixedGate, param_groups
 from learnmask.inject import MaskHandle
-from learnmask.io import atomic_torch_save, exclusive, load_torch_file
+from learnmask.io import atomic_torch_save, load_torch_file
 from learnmask.recipe import gating
 from learnmask.recipe.config import RunConfig
 from learnmask.recipe.gating import Gating, keep_count, make_controller  # noqa: F401 (part of this module's API)
@@ -106,7 +105,7 @@ def dense_weights(cfg: RunConfig, cache_dir: pathlib.Path, progress: Progress | 
     at a time: another one that needs the same weights waits for them; under DDP rank 0 holds
     the lock and decides, and every rank trains the dense run together)."""
     path = pathlib.Path(cache_dir) / f"dense-{cfg.key()}.pt"
-    with exclusive(path) if distributed.is_main() else contextlib.nullcontext():
+    with distributed.exclusive(path):
         if distributed.broadcast_object(not path.exists()):
             fit(cfg, pathlib.Path(cache_dir) / f"run-{cfg.key()}", cache_dir=cache_dir, progress=progress)
     return load_torch_file(path, what="dense-weights cache")
