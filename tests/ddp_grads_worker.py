@@ -64,7 +64,8 @@ def rest(rank: int) -> dict:
     with step_sampling("run", 5, rank):
         masks, _ = ChildTuningF({name: params[name] for name in chosen}, p=0.3).sample()
     lagrangian = lm.LagrangianController(0.5, lr=0.5)
-    lagrangian.penalty(torch.tensor(0.2 + 0.4 * rank, dtype=torch.float64))  # a token keep ratio measured on other examples
+    # a token keep ratio measured on other examples on each rank
+    lagrangian.penalty(torch.tensor(0.2 + 0.4 * rank, dtype=torch.float64))
     lagrangian.step()
     adaptive = lm.LossAdaptiveController(0.15, r_min=0.1, r_max=0.4, max_step=0.01)
     for loss in (2.0, 1.0 + rank, 3.0 - rank):

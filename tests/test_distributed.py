@@ -268,3 +268,18 @@ def test_fisher_child_tuning_and_controllers_agree_across_ranks(grads_run):
     one.penalty(torch.tensor(0.4, dtype=torch.float64))  # the mean of the ranks' 0.2 and 0.6
     one.step()
     assert one.state_dict() == pytest.approx(first["lagrangian"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_token_pruning_cell_under_two_ranks_keeps_model_and_controllers_identical(tmp_path):
+    """The token recipe (Lagrangian keep ratio plus the loss-adaptive target) on the tiny text task:
+    each rank measures its own examples' keep ratio and loss, the controllers step on their mean."""
+    done = torchrun(2, "ddp_tokens_worker.py", str(tmp_path), "gates_adaptive")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"tokens{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    assert set(first["controllers"]) == {"controller", "adaptive"}
+    assert first["controllers"] == second["controllers"]
+    for key in ("accuracy", "realized_keep_ratio", "export_max_logit_diff", "flop_reduction"):
+        assert first["metrics"][key] == second["metrics"][key], key  # the same model evaluated alike
+    assert first["metrics"]["keep_ratio_error"] <= 0.02 and first["metrics"]["export_max_logit_diff"] < 1e-4
