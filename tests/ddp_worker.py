@@ -5,7 +5,8 @@ of the shared loop on a tiny BERT and a toy task, each rank saving what it ends 
 
 writes ``OUT/rank<r>.pt``: the model's state_dict (gates included), the controller's state, the
 loop's task losses, and the world size. With ``STOP_AT=N`` in the environment every rank exits
-(status 3) right after the checkpoint of step N is written, as a killed run would.
+(status 3) right after the checkpoint of step N is written, as a killed run would; with
+``NAN_AT=step,rank`` that rank's loss is NaN at that step (the others' finite).
 """
 import json
 import os
@@ -39,6 +40,17 @@ def main() -> None:
     trainer = recipe.Trainer(cfg, prepared, out / "run")
     if accumulation > 1:
         trainer.loop.accumulation_steps = accumulation
+    if os.environ.get("NAN_AT"):
+        nan_step, nan_rank = (int(x) for x in os.environ["NAN_AT"].split(","))
+        loss = trainer.task.loss
+
+        def maybe_nan(batch, step):
+            objective, task_loss = loss(batch, step)
+            if (step, distributed.rank()) == (nan_step, nan_rank):
+                return objective * float("nan"), task_loss
+            return objective, task_loss
+
+        trainer.task.loss = maybe_nan
     stop_at = int(os.environ.get("STOP_AT", "0"))
     if stop_at:
         save = trainer.loop.save
@@ -55,6 +67,7 @@ def main() -> None:
         "model": {k: v.clone() for k, v in prepared.model.state_dict().items()},
         "controller": trainer.controller.state_dict() if trainer.controller is not None else None,
         "losses": list(trainer.loop.losses),
+        "skipped": trainer.loop.skipped,
     }
     torch.save(state, out / f"rank{distributed.rank()}.pt")
     if torch.distributed.is_initialized():

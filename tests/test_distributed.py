@@ -283,3 +283,19 @@ def test_a_token_pruning_cell_under_two_ranks_keeps_model_and_controllers_identi
     for key in ("accuracy", "realized_keep_ratio", "export_max_logit_diff", "flop_reduction"):
         assert first["metrics"][key] == second["metrics"][key], key  # the same model evaluated alike
     assert first["metrics"]["keep_ratio_error"] <= 0.02 and first["metrics"]["export_max_logit_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    first, second = _fit(tmp_path, 2, CONFIG, env={"NAN_AT": "2,1"})  # 16 steps: one skip allowed
+    assert first["skipped"] == second["skipped"] == 1
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    assert first["controller"] == second["controller"]  # the multipliers did not move at the skipped step
+    assert first["controller"]["step_count"] == second["controller"]["step_count"]
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_on_one_rank_fails_on_every_rank_without_hanging(tmp_path):
+    done = torchrun(2, "ddp_worker.py", str(tmp_path), json.dumps({**CONFIG, "epochs": 1}), env={"NAN_AT": "2,1"})
+    assert done.returncode != 0
+    assert done.stderr.count("TrainingDiverged: 1 of 3 steps so far had a non-finite loss") == 2  # both ranks

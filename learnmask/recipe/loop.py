@@ -144,8 +144,11 @@ class TrainingLoop:
         optimizer: the optimizer of the task's model.
         lr_lambdas: one ``step -> factor`` for every parameter group, or one for all.
         run_dir: the run's folder (checkpoint and ``tensorboard/``).
-        key: the run's key; a checkpoint of another run is refused; it also seeds the step's
-            mask and gate samples (:mod:`learnmask.sampling`).
+        key: the run's key; a checkpoint of another run is refused.
+        seed: what seeds the step's mask and gate samples with the step
+            (:mod:`learnmask.sampling`); default: ``key``. The recipes pass the run's seed, so
+            that the rows of a table draw common random numbers (a preset and its mask table, or
+            two targets, see the same gate noise).
         max_skipped_fraction: see :data:`MAX_SKIPPED_FRACTION`.
         accumulation_steps: micro-batches per optimizer step (each rank's slice of the global
             batch is cut into this many near-equal parts, their gradients summed with weights
@@ -157,12 +160,13 @@ class TrainingLoop:
 
     def __init__(self, task: Task, optimizer: torch.optim.Optimizer, lr_lambdas: Callable | list[Callable],
                  run_dir: pathlib.Path, *, key: str, max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, seed: object = None):
         from torch.utils.tensorboard import SummaryWriter
 
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1; got {accumulation_steps!r}")
         self.task, self.optimizer, self.run_dir, self.key = task, optimizer, pathlib.Path(run_dir), key
+        self.seed = key if seed is None else seed
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas)
         self.max_skipped_fraction, self.accumulation_steps = max_skipped_fraction, accumulation_steps
         self.step, self.skipped = 0, 0
@@ -236,7 +240,7 @@ class TrainingLoop:
         for index, piece in enumerate(pieces):
             last = index == len(pieces) - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else engine.no_sync()
-            with sync, step_sampling(self.key, self.step, self.rank, index):  # the same gate samples in every piece
+            with sync, step_sampling(self.seed, self.step, self.rank, index):  # the same gate samples in every piece
                 objective, piece_loss = self.task.loss(piece, self.step)
                 if not distributed.all_true(bool(torch.isfinite(objective))):  # skip on every rank
                     skipped, task_loss = True, piece_loss

@@ -263,7 +263,7 @@ def mlm_loop(cfg: MLMRunConfig, task: MLMTask, run_dir: pathlib.Path) -> Trainin
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     return TrainingLoop(task, optimizer, lambda step: warmup_linear_decay(step, 0, cfg.steps, cfg.warmup_ratio),
-                        run_dir, key=cfg.key())
+                        run_dir, key=cfg.key(), seed=cfg.seed)
 
 
 def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path, progress=None, record=None) -> dict:
@@ -298,9 +298,13 @@ def fit_mlm(cfg: MLMRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib.Path
     loop = mlm_loop(cfg, task, run_dir)
     try:
         loop.run(progress)
-        metrics = _metrics(cfg, evaluate_mlm(model, *evaluation), before, task.rates, loop)
-        if record is not None:
-            record(metrics)
+        def evaluate_and_record() -> dict:  # rank 0 alone under DDP
+            metrics = _metrics(cfg, evaluate_mlm(model, *evaluation), before, task.rates, loop)
+            if record is not None:
+                record(metrics)
+            return metrics
+
+        metrics = distributed.on_main(evaluate_and_record)
     except BaseException:
         loop.close()
         raise

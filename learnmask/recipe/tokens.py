@@ -220,7 +220,7 @@ def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path, key:
     groups = param_groups(task.model, lr=lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
     base = lambda step: warmup_linear_decay(step, 0, task.total_steps, cfg.warmup_ratio)  # noqa: E731
     lambdas = [base] + [lambda _: 1.0] * (len(groups) - 1)
-    return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key)
+    return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key, seed=cfg.seed)
 
 
 def dense_weights(cfg: TokenRunConfig, data: TaskData, cache_dir: pathlib.Path,
@@ -340,9 +340,14 @@ def fit_tokens(cfg: TokenRunConfig, run_dir: pathlib.Path, *, cache_dir: pathlib
         loop.run(progress)
         metrics = {"train_seconds": round(loop.seconds(), 1), "skipped_steps": loop.skipped,
                    "epochs": cfg.epochs + cfg.prune_epochs, **task.control()}
-        metrics.update(evaluate(cfg, data, handle))
-        if record is not None:
-            record(metrics)
+
+        def evaluate_and_record(metrics: dict) -> dict:  # rank 0 alone under DDP (timings undisturbed)
+            metrics.update(evaluate(cfg, data, handle))
+            if record is not None:
+                record(metrics)
+            return metrics
+
+        metrics = distributed.on_main(evaluate_and_record, metrics)
     except BaseException:
         loop.close()
         raise

@@ -175,7 +175,7 @@ class Trainer:
         self.fix_step = self.gating.fix_step if self.gating is not None else None
         groups = param_groups(prepared.model, lr=cfg.lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
         lambdas = [self._base_lr] + [lambda _: 1.0] * (len(groups) - 1)
-        self.loop = TrainingLoop(self.task, torch.optim.AdamW(groups), lambdas, run_dir, key=cfg.key())
+        self.loop = TrainingLoop(self.task, torch.optim.AdamW(groups), lambdas, run_dir, key=cfg.key(), seed=cfg.seed)
 
     @property
     def controller(self):
