@@ -1,10 +1,16 @@
 """The paper agrees with its sources: every committed table equals what its own command writes
 from the committed results (no training), every number the paper quotes equals the cell it names
 in those regenerated tables, and the included tables are the files' current content. Each check
-is also shown to fail: a wrong quote, a changed table cell, a stale include, an unmarked number."""
+is also shown to fail: a wrong quote, a changed table cell, a stale include, an unmarked number.
+
+A user who ran the README's main job before the tests has a fresh ``paper/tables/heads.md`` of
+their own in the working tree (other gate noise, other numbers): a table passes when it, or its
+committed version (``git show HEAD:...``), equals the regeneration, and the other checks read the
+regenerated tables, not the working tree's."""
 import pathlib
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -43,9 +49,28 @@ def regenerated(tmp_path_factory):
     return done, problems, flat
 
 
+def _committed(name: str) -> bytes | None:
+    """``paper/tables/<name>`` as committed at HEAD (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:paper/tables/{name}"], capture_output=True,
+                              timeout=60)
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _rewritten_by_a_run(problem: str, flat: pathlib.Path) -> bool:
+    """A "differs from its regeneration" problem of a table whose committed version is the
+    regeneration: the user's own run rewrote the working tree's copy."""
+    path, sep, what = problem.partition(": ")
+    name = pathlib.Path(path).name
+    return bool(sep) and what.startswith("differs from its regeneration") and (flat / name).is_file() \
+        and _committed(name) == (flat / name).read_bytes()
+
+
 def test_every_generated_table_equals_its_regeneration_from_the_committed_results(regenerated):
     done, problems, flat = regenerated
-    assert problems == []
+    assert [p for p in problems if not _rewritten_by_a_run(p, flat)] == []
     generated = {t.name for t in TABLES.glob("*.md") if table_command(t.read_text())}
     # every table that names its command, its .tex and the pages written beside it, byte for byte
     expected_files = generated | {t.with_suffix(".tex").name for t in TABLES.glob("*.md")
@@ -53,17 +78,19 @@ def test_every_generated_table_equals_its_regeneration_from_the_committed_result
     assert {f.name for f in flat.iterdir()} == expected_files
     assert {"heads.md", "heads-full.tex", "controllers.md", "mlm-full.md", "tokens.md", "tokens-kept.md",
             "tokens-images-layer0.md", "interference.tex"} <= expected_files
-    assert all((flat / name).read_bytes() == (TABLES / name).read_bytes() for name in expected_files)
+    assert all((flat / name).read_bytes() in ((TABLES / name).read_bytes(), _committed(name))
+               for name in expected_files)
     assert len(done) == 9  # the grids' tables; tokens-kept.md comes with tokens.md
 
 
-def test_a_changed_table_cell_is_caught_by_the_regeneration(tmp_path):
+def test_a_changed_table_cell_is_caught_by_the_regeneration(tmp_path, regenerated):
     (tmp_path / "paper" / "tables").mkdir(parents=True)
     (tmp_path / "paper" / "results").mkdir()
     shutil.copy(RESULTS / "heads.jsonl", tmp_path / "paper" / "results")
-    shutil.copy(TABLES / "heads.tex", tmp_path / "paper" / "tables")
-    edited = (TABLES / "heads.md").read_text().replace("| 90% | 92.2 |", "| 90% | 92.3 |")
-    assert edited != (TABLES / "heads.md").read_text()
+    shutil.copy(regenerated[2] / "heads.tex", tmp_path / "paper" / "tables")
+    right = (regenerated[2] / "heads.md").read_text()
+    edited = right.replace("| 90% | 92.2 |", "| 90% | 92.3 |")
+    assert edited != right
     (tmp_path / "paper" / "tables" / "heads.md").write_text(edited)
     done, problems = stale_tables(tmp_path, tmp_path / "out")
     assert [r.command for r in done] == ["learnmask reproduce heads"]
@@ -116,30 +143,34 @@ def test_a_wrong_quote_is_detected(regenerated, right, wrong, message):
     assert problems[0].startswith(f"line {text[:comment].count(chr(10)) + 1}: ")
 
 
-def _linked_checkout(folder: pathlib.Path) -> pathlib.Path:
-    """A checkout in ``folder`` whose sources link to this one's; returns where its paper.md goes."""
+def _linked_checkout(folder: pathlib.Path, regenerated_tables: pathlib.Path) -> pathlib.Path:
+    """A checkout in ``folder`` whose sources link to this one's, its tables the regenerated ones
+    (what the tests above proved the committed ones are); returns where its paper.md goes."""
     (folder / "experiments").symlink_to(ROOT / "experiments")  # (a table's --grid-file)
     (folder / "paper").mkdir()
-    for name in ("tables", "results", "figures"):
+    for name in ("results", "figures"):
         (folder / "paper" / name).symlink_to(ROOT / "paper" / name)
+    shutil.copytree(regenerated_tables, folder / "paper" / "tables")
     return folder / "paper" / "paper.md"
 
 
-def test_the_build_command_checks_the_paper_and_fails_on_a_wrong_quote(tmp_path, capsys):
-    assert main(["paper", "--check", str(PAPER)]) == 0
+def test_the_build_command_checks_the_paper_and_fails_on_a_wrong_quote(tmp_path, capsys, regenerated):
+    copy = _linked_checkout(tmp_path, regenerated[2])
+    copy.write_text(PAPER.read_text())
+    assert main(["paper", "--check", str(copy)]) == 0
     assert "every quote equal to its source" in capsys.readouterr().out
-    copy = _linked_checkout(tmp_path)
     copy.write_text(_wrong(PAPER.read_text(), "(88.8<!--", "(88.7<!--"))
     assert main(["paper", "--check", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "quotes 88.7 but tables/heads-full.md [random heads removed before fine-tuning | 90% | Accuracy (%)] " \
            "holds 88.8" in err and "1 problems" in err
-    assert check(copy, root=tmp_path) == check(copy, root=ROOT)  # (the same sources through the links)
+    assert len(check(copy, root=tmp_path)) == 1
 
 
-def test_the_included_tables_are_fresh_and_a_stale_one_is_caught(tmp_path, capsys):
+def test_the_included_tables_are_fresh_and_a_stale_one_is_caught(tmp_path, capsys, regenerated):
     text = PAPER.read_text()
-    new, files = refresh_includes(text, PAPER.parent)
+    copy = _linked_checkout(tmp_path, regenerated[2])
+    new, files = refresh_includes(text, copy.parent)
     assert new == text
     assert [f.name for f in files] == ["heads.md", "heads-full.md", "controllers-full.md", "controllers.md",
                                        "mlm-full.md", "mlm.md", "tokens.md", "tokens-images-layer0.md",
@@ -148,8 +179,7 @@ def test_the_included_tables_are_fresh_and_a_stale_one_is_caught(tmp_path, capsy
     # a number edited inside an included table: --check reports it, the build puts it back
     stale = _wrong(text, "| straight-through top-k gates | 90% | 89.8 | 4.3 |", "| straight-through top-k gates | "
                    "90% | 89.9 | 4.3 |")
-    assert refresh_includes(stale, PAPER.parent)[0] == text
-    copy = _linked_checkout(tmp_path)
+    assert refresh_includes(stale, copy.parent)[0] == text
     copy.write_text(stale)
     assert main(["paper", "--check", str(copy)]) == 1
     assert "included tables are stale; run `learnmask paper` to refresh them" in capsys.readouterr().err
