@@ -95,7 +95,9 @@ def test_a_changed_table_cell_is_caught_by_the_regeneration(tmp_path, regenerate
     done, problems = stale_tables(tmp_path, tmp_path / "out")
     assert [r.command for r in done] == ["learnmask reproduce heads"]
     where = tmp_path / "paper" / "tables" / "heads.md"
-    assert problems == [f"{where}: differs from its regeneration by `learnmask reproduce heads`"]
+    (problem,) = problems
+    assert problem.startswith(f"{where}: differs from its regeneration by `learnmask reproduce heads` from the records "
+                              f"in {tmp_path / 'paper' / 'results'} (if you reran that command")
 
 
 def test_every_quote_in_the_paper_equals_its_cell_in_the_regenerated_tables(regenerated):
@@ -202,6 +204,8 @@ def test_no_unmarked_decimal_in_the_prose_and_an_unmarked_one_is_caught():
     assert unmarked_numbers(text) == []
     added = text.replace("## 9. Limitations\n", "## 9. Limitations\n\nDense reaches 94.1% on TREC-6.\n")
     assert [line.split(" ")[0] for line in unmarked_numbers(added)] == ["94.1"]
+    assert unmarked_numbers("a\n<!-- x\ny -->\n`1.5`\nwe got 0.25<!-- tables/t.md: a | b --> and 3.5\n") == [
+        "3.5 (line 5: …a we got ⟨quoted⟩ and 3.5…)"]  # the source's line, the quote shown as such
     declared = added.replace("<!-- numbers not from tables: ", "<!-- numbers not from tables: 94.1 ")
     assert unmarked_numbers(declared) == []
     # a unit may follow a number; versions and names are not numbers

@@ -170,25 +170,32 @@ def check_quotes(text: str, *, tables: pathlib.Path, results: pathlib.Path) -> l
     return problems
 
 
+def _lines_only(match: re.Match) -> str:
+    """What a removed block leaves: its line breaks (so that line numbers stay the source's)."""
+    return "\n" * match.group(0).count("\n")
+
+
 def prose(text: str) -> str:
-    """``text`` without include blocks, headings, fenced code, code spans, quotes and comments
-    (what :func:`unmarked_numbers` reads)."""
-    text = re.sub(r"^<!-- include: .*?^<!-- end include -->$", "", text, flags=re.M | re.S)
+    """``text`` without include blocks, headings, fenced code, code spans and comments, each quote
+    shown as ``⟨quoted⟩`` (what :func:`unmarked_numbers` reads); line breaks are kept, so a line
+    of the result is the same line of ``text``."""
+    text = re.sub(r"^<!-- include: .*?^<!-- end include -->$", _lines_only, text, flags=re.M | re.S)
     text = re.sub(r"^#.*$", "", text, flags=re.M)
-    text = re.sub(r"^```.*?^```$", "", text, flags=re.M | re.S)
-    text = QUOTE.sub("", text)
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"^```.*?^```$", _lines_only, text, flags=re.M | re.S)
+    text = QUOTE.sub(lambda m: "⟨quoted⟩" + _lines_only(m), text)
+    text = re.sub(r"<!--.*?-->", _lines_only, text, flags=re.S)
     return re.sub(r"`[^`]*`", "", text)
 
 
 def unmarked_numbers(text: str) -> list[str]:
     """Decimal numbers in the prose of ``text`` that are neither quotes nor declared in
-    ``<!-- numbers not from tables: ... -->``, as ``"line N: 93.9"``."""
+    ``<!-- numbers not from tables: ... -->``, as ``"93.9 (line N: …context…)"``."""
     declared = {normalize(n) for found in _DECLARED.findall(text) for n in found.split()}
     plain = prose(text)
     lines = []
     for number in _DECIMAL.finditer(plain):
         if normalize(number.group(0)) not in declared:
             context = " ".join(plain[max(0, number.start() - 40): number.end() + 10].split())
-            lines.append(f"{number.group(0)} (in: …{context}…)")
+            line = plain.count("\n", 0, number.start()) + 1
+            lines.append(f"{number.group(0)} (line {line}: …{context}…)")
     return lines

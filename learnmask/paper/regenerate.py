@@ -99,7 +99,11 @@ def stale_tables(root: pathlib.Path, out_dir: pathlib.Path) -> tuple[list[Regene
             if not committed.is_file():
                 problems.append(f"{committed}: regenerated but not committed")
             elif committed.read_bytes() != new.read_bytes():
-                problems.append(f"{committed}: differs from its regeneration by `{regenerated.command}`")
+                problems.append(
+                    f"{committed}: differs from its regeneration by `{regenerated.command}` from the records in "
+                    f"{root / 'paper' / 'results'} (if you reran that command, its table comes from your own records "
+                    "under runs/: copy them into paper/results to make them the paper's, or `git checkout` the "
+                    "committed table)")
     covered = {f.name for r in done for f in r.written}
     for page in generated:  # a page beside another table (tokens-kept.md) must be among its files
         if page not in main and page.name not in covered:

@@ -155,7 +155,8 @@ class TrainingLoop:
             that give the slice's mean; under DDP all but the last under ``no_sync``), >= 1.
 
     Raises:
-        ValueError: ``accumulation_steps`` not an int >= 1.
+        ValueError: ``accumulation_steps`` not an int >= 1; under DDP a ``task.batch_size`` that
+            the world size does not divide.
     """
 
     def __init__(self, task: Task, optimizer: torch.optim.Optimizer, lr_lambdas: Callable | list[Callable],
@@ -165,6 +166,8 @@ class TrainingLoop:
 
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1; got {accumulation_steps!r}")
+        if distributed.world_size() > 1 and getattr(task, "batch_size", None) is not None:
+            distributed.check_divisible(task.batch_size)  # before anything is written
         self.task, self.optimizer, self.run_dir, self.key = task, optimizer, pathlib.Path(run_dir), key
         self.seed = key if seed is None else seed
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas)
@@ -191,12 +194,9 @@ class TrainingLoop:
 
         Raises:
             ValueError: an unreadable checkpoint, or one of another run (the message names the
-                file and says it can be deleted); under DDP a ``task.batch_size`` that the world
-                size does not divide.
+                file and says it can be deleted).
             TrainingDiverged: too many non-finite losses.
         """
-        if self.world > 1 and getattr(self.task, "batch_size", None) is not None:
-            distributed.check_divisible(self.task.batch_size, self.world)
         self.resume()
         total = self.task.total_steps
         start_progress(progress, total, self.step)
