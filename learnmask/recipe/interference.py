@@ -284,7 +284,7 @@ def fit_interference(cfg: InterferenceRunConfig, run_dir: pathlib.Path, *, cache
         loops.append(loop)
         seconds += loop.seconds()
         density += task.density
-    try:
+    def evaluate_and_record() -> dict:  # rank 0 alone under DDP
         b_correct = predictions(model, data.b_test, data.pad_id)
         after = method.plain_weights()
         changed = changed_entries(before, after, names)
@@ -305,6 +305,10 @@ def fit_interference(cfg: InterferenceRunConfig, run_dir: pathlib.Path, *, cache
             metrics["diff_density_trajectory"] = {"every": every, "density": [round(d, 5) for d in density[::every]]}
         if record is not None:
             record(metrics)
+        return metrics
+
+    try:
+        metrics = distributed.on_main(evaluate_and_record)
     except BaseException:
         for loop in loops:
             loop.close()
