@@ -282,6 +282,15 @@ def shard(batch: Any, part: int, parts: int) -> tuple[Any, float]:
     return _slice(batch, start, end), (end - start) * parts / total
 
 
+def split(batch: Any, parts: int) -> list[Any]:
+    """``batch`` cut into ``parts`` contiguous near-equal micro-batches (fewer when it holds fewer
+    examples; see :func:`shard`); ``[batch]`` for one part."""
+    if parts == 1:
+        return [batch]
+    parts = min(parts, batch_size_of(batch))
+    return [shard(batch, index, parts)[0] for index in range(parts)]
+
+
 def _tensors(batch: Any):
     if isinstance(batch, Tensor):
         if batch.dim() > 0:

@@ -72,17 +72,17 @@ class StepSampling:
 def step_sampling(seed: object, step: int, rank: int = 0, micro: int = 0) -> Iterator[StepSampling]:
     """Inside the block, learnmask's samplers called without a generator draw from the step's
     generators (see the module's docstring and :class:`StepSampling`)."""
-    token = _ACTIVE.set(StepSampling(seed, step, rank, micro))
+    token = open_step(seed, step, rank, micro)
     try:
         yield _ACTIVE.get()
     finally:
-        _ACTIVE.reset(token)
+        close_step(token)
 
 
-def open_step(seed: object, step: int, rank: int = 0) -> contextvars.Token:
+def open_step(seed: object, step: int, rank: int = 0, micro: int = 0) -> contextvars.Token:
     """Start drawing from the step's generators until :func:`close_step` (for loops that are not
     one Python block, such as a Hugging Face ``Trainer``'s callbacks); returns the token to close."""
-    return _ACTIVE.set(StepSampling(seed, step, rank))
+    return _ACTIVE.set(StepSampling(seed, step, rank, micro))
 
 
 def close_step(token: contextvars.Token) -> None:

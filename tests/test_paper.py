@@ -26,7 +26,7 @@ from learnmask.paper.quotes import (
     normalize,
     unmarked_numbers,
 )
-from learnmask.paper.regenerate import stale_tables, table_command
+from learnmask.paper.regenerate import gather, stale_tables, table_command
 
 ROOT = pathlib.Path(__file__).parents[1]
 PAPER = ROOT / "paper" / "paper.md"
@@ -40,13 +40,7 @@ def regenerated(tmp_path_factory):
     a folder with every regenerated file under its committed name)."""
     out = tmp_path_factory.mktemp("regenerated")
     done, problems = stale_tables(ROOT, out / "each")
-    flat = out / "all"
-    flat.mkdir()
-    for table in done:
-        for file in table.written:
-            if file.is_file():
-                shutil.copy(file, flat / file.name)
-    return done, problems, flat
+    return done, problems, gather(done, out / "all")
 
 
 def _committed(name: str) -> bytes | None:

@@ -17,7 +17,7 @@ import tempfile
 
 from learnmask.paper.includes import refresh_includes
 from learnmask.paper.quotes import check_quotes, unmarked_numbers
-from learnmask.paper.regenerate import stale_tables
+from learnmask.paper.regenerate import gather, stale_tables
 
 
 def build(paper: pathlib.Path) -> list[pathlib.Path]:
@@ -51,12 +51,7 @@ def check(paper: pathlib.Path, *, root: pathlib.Path) -> list[str]:
         regenerated = pathlib.Path(folder)
         done, stale = stale_tables(root, regenerated)
         problems += stale
-        tables = regenerated / "all"  # every regenerated file, under its committed name
-        tables.mkdir()
-        for table in done:
-            for file in table.written:
-                if file.is_file():
-                    (tables / file.name).write_bytes(file.read_bytes())
+        tables = gather(done, regenerated / "all")  # every regenerated file, under its committed name
         for committed in (root / "paper" / "tables").iterdir():  # (tables no command makes: as committed)
             if not (tables / committed.name).exists():
                 (tables / committed.name).write_bytes(committed.read_bytes())

@@ -109,3 +109,14 @@ def stale_tables(root: pathlib.Path, out_dir: pathlib.Path) -> tuple[list[Regene
         if page not in main and page.name not in covered:
             problems.append(f"{page}: its command `{table_command(page.read_text())}` does not write it")
     return done, problems
+
+
+def gather(done: list[Regenerated], folder: pathlib.Path) -> pathlib.Path:
+    """Copy every file the regenerations wrote into ``folder`` (made if missing), each under its
+    committed name; returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for table in done:
+        for file in table.written:
+            if file.is_file():
+                (folder / file.name).write_bytes(file.read_bytes())
+    return folder

@@ -79,7 +79,6 @@ class PhaseTask:
     def __init__(self, model: nn.Module, data: EncodedTexts, *, batch_size: int, pad_id: int, seed: int,
                  epochs: int, offset: int = 0, steps: int | None = None, method: Method | None = None):
         self.model, self.data, self.batch_size, self.pad_id, self.seed = model, data, batch_size, pad_id, seed
-        self.engine = model  # what the training forward calls: the shared loop sets its DDP wrapper here
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
         self.offset = offset
         self.total_steps = steps if steps is not None else epochs * self.steps_per_epoch - offset

@@ -11,9 +11,9 @@ without pickle (:func:`learnmask.io.load_torch_file`). A run resumed from one en
 to an uninterrupted run. The checkpoint outlives training: the caller deletes it with
 :meth:`TrainingLoop.finish` once the run's result is recorded.
 
-Random draws of masks and gates during a step come from generators seeded by the run's key
-and the step (:func:`learnmask.sampling.step_sampling`): the same after a resume, on every DDP
-rank, and in a 1-process run.
+Random draws of masks and gates during a step come from generators seeded by the run's seed
+(default: its key) and the step (:func:`learnmask.sampling.step_sampling`): the same after a
+resume, on every DDP rank, and in a 1-process run.
 
 **DDP.** In a process group of two or more ranks (``torchrun``; see
 :mod:`learnmask.distributed`) the loop wraps the task's model in ``DistributedDataParallel``
@@ -234,7 +234,7 @@ class TrainingLoop:
         else:
             share = 1.0
         engine = self._engine()
-        pieces = _micro_batches(batch, self.accumulation_steps)
+        pieces = distributed.split(batch, self.accumulation_steps)
         size = distributed.batch_size_of(batch)
         task_loss, skipped = 0.0, False
         for index, piece in enumerate(pieces):
@@ -279,9 +279,8 @@ class TrainingLoop:
             RuntimeError: a trainable parameter got no gradient, named.
         """
         model = self.task.model
-        names = {id(p): name for name, p in model.named_parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        unused = [names[id(p)] for p in trainable if p.grad is None]
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
             raise RuntimeError(
                 f"step {self.step}: {len(unused)} trainable parameter(s) got no gradient ({', '.join(unused[:5])}); "
@@ -390,32 +389,11 @@ class TrainingLoop:
 
 
 class _NoWriter:
-    """TensorBoard's ``SummaryWriter`` on ranks other than 0: writes nothing."""
+    """TensorBoard's ``SummaryWriter`` on ranks other than 0: every method writes nothing."""
 
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
-    def add_histogram(self, *args, **kwargs) -> None:
-        pass
-
-    def add_text(self, *args, **kwargs) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _micro_batches(batch: Any, parts: int) -> list[Any]:
-    """``batch`` cut into ``parts`` contiguous near-equal micro-batches (fewer when it holds fewer
-    examples); ``[batch]`` for one part."""
-    if parts == 1:
-        return [batch]
-    size = distributed.batch_size_of(batch)
-    parts = min(parts, size)
-    return [distributed.shard(batch, index, parts)[0] for index in range(parts)]
 
 
 def _frozen(model: nn.Module) -> set[str]:

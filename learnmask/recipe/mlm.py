@@ -211,7 +211,6 @@ class MLMTask:
 
     def __init__(self, cfg: MLMRunConfig, model, vocab: MaskingVocab, train: Chunks):
         self.cfg, self.model, self.vocab, self.train = cfg, model, vocab, train
-        self.engine = model  # what the training forward calls: the shared loop sets its DDP wrapper here
         self.batch_size = cfg.batch_size
         self.total_steps = cfg.steps
         self.policy = RatePolicy(cfg)

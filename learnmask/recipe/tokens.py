@@ -86,7 +86,6 @@ class TokenTask:
     def __init__(self, cfg: TokenRunConfig, model: torch.nn.Module, handle: MaskHandle | None, train: Examples,
                  epochs: int, heldout: Examples | None = None):
         self.cfg, self.model, self.handle, self.train, self.epochs = cfg, model, handle, train, epochs
-        self.engine = model  # what the training forward calls: the shared loop sets its DDP wrapper here
         self.batch_size = cfg.batch_size
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.total_steps = epochs * self.steps_per_epoch

@@ -119,7 +119,6 @@ class ClassifyTask:
 
     def __init__(self, cfg: RunConfig, prepared: Prepared):
         self.cfg, self.p, self.model = cfg, prepared, prepared.model
-        self.engine = self.model  # what the training forward calls: the shared loop sets its DDP wrapper here
         self.batch_size = cfg.batch_size
         self.steps_per_epoch = math.ceil(len(prepared.train) / cfg.batch_size)
         self.total_steps = prepared.epochs * self.steps_per_epoch
