@@ -49,7 +49,7 @@ def tiny_tasks(monkeypatch):
         return TaskData(model, image_examples(48, 0), image_examples(80, 1), ["dark", "bright"])
 
     monkeypatch.setattr(recipe, "load_task", load)
-    monkeypatch.setattr(recipe.measure, "MIN_PASS_SECONDS", 0.0)  # tiny models: no 1 s timing passes
+    monkeypatch.setattr(recipe.measure, "TIMING_SECONDS", 0.0)  # tiny models: MIN_PAIRS timed pairs only
 
 
 def cfg(**values):
@@ -320,3 +320,62 @@ def test_the_kept_patches_figure_dims_exactly_the_closed_patches(tmp_path, monke
     expected = torch.full((28, 28), 0.25 * 200 / 255, dtype=torch.float64)
     expected[0:4, 0:4] = expected[4:8, 4:8] = 200 / 255
     assert torch.allclose(torch.as_tensor(shown.data), expected)
+
+
+def test_relative_throughput_is_the_median_pair_ratio_so_drift_and_bursts_cancel():
+    from learnmask.recipe.token_measure import pair_ratios
+
+    drifting = [(1.0 * k, 0.5 * k) for k in (1, 3, 2, 5, 4)]  # load doubles both passes of a pair alike
+    assert pair_ratios(drifting) == {"relative": 2.0, "q1": 2.0, "q3": 2.0}
+    burst = [(1.0, 0.8)] * 6 + [(5.0, 0.8)]  # one pair's full pass hit by another process
+    assert pair_ratios(burst)["relative"] == pytest.approx(1.25)
+    assert pair_ratios([(1.0, 1.0), (2.0, 1.0), (3.0, 1.0), (4.0, 1.0)]) == \
+        pytest.approx({"relative": 2.5, "q1": 1.75, "q3": 3.25})  # inclusive quartiles by hand
+    assert pair_ratios([(3.0, 2.0)]) == {"relative": 1.5, "q1": 1.5, "q3": 1.5}
+
+
+def test_throughput_times_alternating_pairs_after_the_warm_up(monkeypatch):
+    from learnmask.recipe import token_measure as measure
+
+    calls = []
+
+    class Named(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, **batch):
+            calls.append((self.name, len(batch["pixel_values"])))
+
+    monkeypatch.setattr(measure, "TIMING_SECONDS", 0.0)
+    data = image_examples(80, 0)
+    timing = measure.throughput({"full": Named("full"), "export": Named("export")}, data)
+    assert set(timing) == {1, 64} and all(timing[size]["pairs"] == measure.MIN_PAIRS for size in timing)
+    batch64 = [name for name, size in calls if size == 64]
+    warm = ["full", "export"] * measure.WARMUP_PASSES
+    assert batch64 == warm + ["full", "export", "export", "full", "full", "export", "export", "full", "full", "export"]
+    assert len(calls) - len(batch64) == measure.BATCH_1_EXAMPLES * 2 * (measure.WARMUP_PASSES + measure.MIN_PAIRS)
+    metrics = measure.speed_metrics(timing, 0.25)
+    q1, q3 = metrics["relative_throughput_b64_quartiles"]
+    assert q1 <= metrics["relative_throughput_b64"] <= q3
+    assert metrics["time_saved_over_flops_b64"] == pytest.approx((1 - 1 / metrics["relative_throughput_b64"]) / 0.25)
+    assert metrics["throughput"]["b64"]["pairs"] == measure.MIN_PAIRS
+
+
+def test_the_table_names_the_timing_protocol_its_records_used(tmp_path):
+    from learnmask.recipe.token_table import write_token_tables
+
+    grid = load_grid(bundled_grid("tokens"))
+    records = []
+    for index, (label, run) in enumerate(grid.cells()):
+        timing = {"min_pairs": 5, "timing_seconds": 8.0} if index % 2 else {"timed_passes": 5, "min_pass_seconds": 1.0}
+        metrics = {"accuracy": 0.5, "epochs": 1, "realized_keep_ratio": run.keep_ratio, "keep_ratio_error": 0.0,
+                   "throughput": timing}
+        records.append({"key": run.key(), "grid": "tokens", "row": label, "config": run.__dict__, "metrics": metrics})
+    write_token_tables(grid, records, tmp_path / "tokens", title="T", command="c")
+    text = (tmp_path / "tokens.md").read_text()
+    assert "fastest of 5 interleaved passes (each at least 1 s" in text
+    assert "; or relative throughput the median over timed pairs of passes (one pass of each model back to back, at " \
+           "least 5 pairs, more until 8 s have passed)" in text
+    write_token_tables(grid, records[1::2], tmp_path / "pairs", title="T", command="c")
+    assert "fastest of" not in (tmp_path / "pairs.md").read_text()

