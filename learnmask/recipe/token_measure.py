@@ -228,7 +228,7 @@ def speed_metrics(timing: dict[int, dict[str, float]], reduction: float) -> dict
         out["time_saved_over_flops_b64_quartiles"] = [(1.0 - 1.0 / timing[64][q]) / reduction for q in ("q1", "q3")]
     else:
         out["time_saved_over_flops_b64"] = None
-    out["throughput"] = {f"b{size}": {"full": round(timing[size]["full"], 2), "export": round(timing[size]["export"], 2),
-                                      "pairs": timing[size]["pairs"]} for size in BATCH_SIZES}
+    out["throughput"] = {f"b{size}": {name: round(timing[size][name], 2) for name in ("full", "export")}
+                         | {"pairs": timing[size]["pairs"]} for size in BATCH_SIZES}
     out["throughput"].update(threads=THREADS, min_pairs=MIN_PAIRS, timing_seconds=TIMING_SECONDS)
     return out
