@@ -371,11 +371,20 @@ def test_the_table_names_the_timing_protocol_its_records_used(tmp_path):
         timing = {"min_pairs": 5, "timing_seconds": 8.0} if index % 2 else {"timed_passes": 5, "min_pass_seconds": 1.0}
         metrics = {"accuracy": 0.5, "epochs": 1, "realized_keep_ratio": run.keep_ratio, "keep_ratio_error": 0.0,
                    "throughput": timing}
+        if label == "images: random tokens":  # seeds 0 and 1 at keep 0.5, as two runs' quartiles
+            metrics["time_saved_over_flops_b64_quartiles"] = [0.7, 0.9]
+            records.append({"key": "x", "grid": "tokens", "row": label, "config": {**run.__dict__, "seed": 1},
+                            "metrics": {**metrics, "time_saved_over_flops_b64_quartiles": [0.75, 0.95]}})
         records.append({"key": run.key(), "grid": "tokens", "row": label, "config": run.__dict__, "metrics": metrics})
     write_token_tables(grid, records, tmp_path / "tokens", title="T", command="c")
     text = (tmp_path / "tokens.md").read_text()
     assert "fastest of 5 interleaved passes (each at least 1 s" in text
     assert "; or relative throughput the median over timed pairs of passes (one pass of each model back to back, at " \
            "least 5 pairs, more until 8 s have passed)" in text
-    write_token_tables(grid, records[1::2], tmp_path / "pairs", title="T", command="c")
+    random_rows = [line for line in text.splitlines() if line.startswith("| images: random tokens")]
+    assert len(random_rows) == 2 and all("time/FLOPs saved b64 per timed pair: quartiles 0.70-0.95" in row
+                                         for row in random_rows)
+    assert text.count("per timed pair") == 2
+    paired = [r for r in records if "min_pairs" in r["metrics"]["throughput"]]
+    write_token_tables(grid, paired, tmp_path / "pairs", title="T", command="c")
     assert "fastest of" not in (tmp_path / "pairs.md").read_text()

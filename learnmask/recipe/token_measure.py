@@ -10,9 +10,10 @@ passes, one of each model back to back (which goes first alternates), at least
 :data:`MAX_PAIRS`). The export's speed relative to the full model is the median over pairs of
 ``full seconds / export seconds``: load that drifts hits both passes of a pair alike and
 cancels in its ratio, and a burst of load spoils one pair, which the median ignores. The
-records keep the quartiles of the pair ratios too. (The fastest of 5 one-second passes of each
-model, the rule before, left the time saved over FLOPs saved of the ViT at keep 0.7 anywhere
-in 0.66-0.95 from run to run on the same weights; the median of 25 short pairs, 0.94-1.03.)
+records keep the quartiles of the pair ratios too. (The rule before, the fastest of 5
+one-second passes of each model, gave the same ViT export at keep 0.7 a time/FLOPs ratio
+whose 5th-95th percentiles over resampled runs spanned 0.66-0.95; the median of 25 short pairs,
+0.94-1.03 within one process. Separate processes still differ by up to about 0.1.)
 
 FLOPs (multiply-adds × 2) of one encoder layer on ``n`` tokens of width ``d`` with an MLP of
 ``I`` units: ``2n(4d² + 2dI)`` for its linear maps plus ``4n²d`` for attention scores and values

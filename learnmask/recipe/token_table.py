@@ -27,7 +27,7 @@ TIMING_FASTEST = ("fastest of {passes} interleaved passes (each at least {second
                   "after a warm-up")
 TIMING_PAIRS = ("relative throughput the median over timed pairs of passes (one pass of each model back to back, at "
                 "least {pairs} pairs, more until {seconds} s have passed) of their time ratio, after warm-up passes "
-                "(the records keep its quartiles)")
+                "(the notes give the quartiles of time/FLOPs saved over the pairs)")
 
 
 def summarize(grid: GridConfig, records: list[dict]) -> list[Summary]:
@@ -58,6 +58,11 @@ def _notes(metrics: list[dict]) -> str:
     soft = _mean(metrics, "heldout_expected_keep_error")
     if soft is not None:
         notes.append(f"soft gates off their target by {soft:.3f} on the held-out set when the hard stage began")
+    quartiles = [m["time_saved_over_flops_b64_quartiles"] for m in metrics
+                 if m.get("time_saved_over_flops_b64_quartiles") is not None]
+    if quartiles:  # over every seed's timed pairs: the lowest first quartile to the highest third
+        low, high = min(q[0] for q in quartiles), max(q[1] for q in quartiles)
+        notes.append(f"time/FLOPs saved b64 per timed pair: quartiles {low:.2f}-{high:.2f}")
     pinned = [m["adaptive_keep_at_pin"] for m in metrics if m.get("adaptive_keep_at_pin") is not None]
     if pinned:
         notes.append(f"loss-adaptive keep {sum(pinned) / len(pinned):.2f} at the end of the warm-up")
