@@ -1,0 +1,67 @@
+"""experiments/tokens_sensitivity.py: its pixel rules keep exactly the brightest (darkest)
+patches, and its paired differences against random are the per-image means."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from learnmask.inject import apply_masks
+from learnmask.recipe.token_tasks import Examples, vit_classifier
+
+PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tokens_sensitivity.py"
+
+
+@pytest.fixture(scope="module")
+def sensitivity():
+    spec = importlib.util.spec_from_file_location("tokens_sensitivity", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("rule, sign", [("foreground", 1.0), ("background", -1.0)])
+def test_the_pixel_rules_keep_exactly_the_brightest_or_darkest_patches(sensitivity, rule, sign):
+    torch.manual_seed(0)
+    model = vit_classifier(2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    pixels = torch.zeros(2, 1, 28, 28)
+    levels = torch.randperm(49).float() / 49  # a distinct level per patch, per image
+    for index in range(49):
+        row, col = divmod(index, 7)
+        pixels[0, 0, 4 * row:4 * row + 4, 4 * col:4 * col + 4] = levels[index]
+        pixels[1, 0, 4 * row:4 * row + 4, 4 * col:4 * col + 4] = 1 - levels[index]
+    handle = apply_masks(model, heads=False, tokens=True, token_layers=[0], token_keep_ratio=0.5, token_gate="topk")
+    scorer = sensitivity.make_scorer(rule, model, 0, seed=0)
+    handle.tokens.scorers[0] = scorer
+    sensitivity.correct(model, pixels, torch.zeros(2, dtype=torch.long), scorer)
+    kept = handle.token_masks()[0]
+    for image, patch_levels in enumerate((levels, 1 - levels)):
+        chosen = (sign * patch_levels).topk(round(0.5 * 50) - 1).indices + 1  # CLS kept, then 24 patches
+        expected = torch.zeros(50, dtype=torch.bool)
+        expected[0], expected[chosen] = True, True
+        assert torch.equal(kept[image], expected)
+
+
+def test_probe_reports_paired_differences_against_random(sensitivity, monkeypatch):
+    outcomes = {"random": [1, 1, 0, 0], "attention": [1, 1, 0, 0], "foreground": [1, 1, 1, 0],
+                "background": [0, 0, 0, 0]}
+    calls = []
+
+    def fake_correct(model, images, labels, scorer):
+        rule = calls[-1]
+        return torch.tensor(outcomes[rule], dtype=torch.bool)
+
+    def fake_scorer(rule, model, layer, seed):
+        calls.append(rule)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(sensitivity, "correct", fake_correct)
+    monkeypatch.setattr(sensitivity, "make_scorer", fake_scorer)
+    monkeypatch.setattr(sensitivity, "LAYERS", (0,))
+    monkeypatch.setattr(sensitivity, "KEEP_RATIOS", (0.5,))
+    model = vit_classifier(2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    rows = {r["rule"]: r for r in sensitivity.probe(model, Examples(torch.zeros(4, 1, 28, 28), torch.zeros(4)), 0)}
+    assert rows["foreground"]["accuracy"] == 75.0 and rows["foreground"]["minus_random"] == 25.0
+    # per-image differences (0, 0, 1, 0): sample sd 0.5, so the half-width is 1.96 * 0.5 / 2 points x 100
+    assert rows["foreground"]["minus_random_ci95"] == pytest.approx(100 * 1.96 * 0.5 / 2)
+    assert rows["background"]["minus_random"] == -50.0 and rows["random"]["minus_random"] == 0.0
