@@ -133,7 +133,10 @@ def probe(model: nn.Module, test: Examples, seed: int) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    label, cfg = dense_cell(args.seed)
+    try:
+        label, cfg = dense_cell(args.seed)
+    except ValueError as error:
+        raise SystemExit(f"tokens_sensitivity.py: {error}") from None
     data = load_task(cfg)
     data.model.load_state_dict(dense_weights(cfg, data, args.work_dir / "cache"))
     from learnmask.image_data import load_fashion_mnist

@@ -65,3 +65,9 @@ def test_probe_reports_paired_differences_against_random(sensitivity, monkeypatc
     # per-image differences (0, 0, 1, 0): sample sd 0.5, so the half-width is 1.96 * 0.5 / 2 points x 100
     assert rows["foreground"]["minus_random_ci95"] == pytest.approx(100 * 1.96 * 0.5 / 2)
     assert rows["background"]["minus_random"] == -50.0 and rows["random"]["minus_random"] == 0.0
+
+
+def test_a_seed_the_grid_does_not_have_is_refused_with_the_grids_seeds(sensitivity, tmp_path):
+    with pytest.raises(SystemExit, match=r"no keep-1.0 fashion-vit row for seed 5 \(its seeds: \[0, 1, 2\]\)"):
+        sensitivity.main(["--seed", "5", "--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
