@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 import sys
 
 import pytest
@@ -25,6 +27,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(relative: str):
+    """A script under the repository (``experiments/...``) imported as a module."""
+    path = pathlib.Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_bert(num_labels: int = 3, layers: int = 2, heads: int = 4, hidden: int = 32):

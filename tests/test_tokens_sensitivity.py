@@ -1,23 +1,16 @@
 """experiments/tokens_sensitivity.py: its pixel rules keep exactly the brightest (darkest)
 patches, and its paired differences against random are the per-image means."""
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 from learnmask.inject import apply_masks
 from learnmask.recipe.token_tasks import Examples, vit_classifier
-
-PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tokens_sensitivity.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sensitivity():
-    spec = importlib.util.spec_from_file_location("tokens_sensitivity", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/tokens_sensitivity.py")
 
 
 @pytest.mark.parametrize("rule, sign", [("foreground", 1.0), ("background", -1.0)])
