@@ -64,3 +64,22 @@ def test_a_seed_the_grid_does_not_have_is_refused_with_the_grids_seeds(sensitivi
     with pytest.raises(SystemExit, match=r"no keep-1.0 fashion-vit row for seed 5 \(its seeds: \[0, 1, 2\]\)"):
         sensitivity.main(["--seed", "5", "--out", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
+
+
+def test_an_out_path_that_cannot_be_a_file_is_refused_before_any_compute(sensitivity, tmp_path):
+    with pytest.raises(SystemExit, match="is a directory; expected a JSON file path"):
+        sensitivity.main(["--out", str(tmp_path)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a directory"):
+        sensitivity.main(["--out", str(tmp_path / "file" / "s.json")])
+
+
+def test_a_cache_file_of_other_weights_is_refused_naming_it(sensitivity, tmp_path, monkeypatch):
+    tiny = vit_classifier(2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    monkeypatch.setattr(sensitivity, "load_task", lambda cfg: type("Data", (), {"model": tiny})())
+    _, cfg = sensitivity.dense_cell(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.save({"foo": torch.zeros(1)}, cache / f"dense-{cfg.dense_key()}.pt")
+    with pytest.raises(SystemExit, match=rf"dense-{cfg.dense_key()}.pt does not hold the grid's dense ViT"):
+        sensitivity.load_dense(cfg, tmp_path)
