@@ -42,7 +42,7 @@ from learnmask.recipe.grid import load_grid
 from learnmask.recipe.registry import bundled_grid
 from learnmask.recipe.token_baselines import AttentionReceivedScorer, RandomScorer
 from learnmask.recipe.token_tasks import VIT, Examples, load_task
-from learnmask.recipe.tokens import dense_weights
+from learnmask.recipe.tokens import dense_path, dense_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RULES = ("random", "attention", "foreground", "background")
@@ -114,15 +114,15 @@ def probe(model: nn.Module, test: Examples, seed: int) -> list[dict]:
     for layer in LAYERS:
         for keep in KEEP_RATIOS:
             right = {}
-            for rule in RULES:
-                handle = apply_masks(model, heads=False, tokens=True, token_layers=[layer], token_keep_ratio=keep,
-                                     token_gate="topk")
-                scorer = make_scorer(rule, model, layer, seed)
-                handle.tokens.scorers[0] = scorer
-                try:
+            handle = apply_masks(model, heads=False, tokens=True, token_layers=[layer], token_keep_ratio=keep,
+                                 token_gate="topk")
+            try:
+                for rule in RULES:
+                    scorer = make_scorer(rule, model, layer, seed)
+                    handle.tokens.scorers[0] = scorer
                     right[rule] = correct(model, images, labels, scorer)
-                finally:
-                    handle.remove()
+            finally:
+                handle.remove()
             print(f"after layer {layer}, keep {keep}: " + ", ".join(f"{r} {100 * float(right[r].double().mean()):.2f}%"
                                                                     for r in RULES), file=sys.stderr, flush=True)
             for rule in RULES:
@@ -147,7 +147,7 @@ def load_dense(cfg, work_dir: pathlib.Path):
     """The task of ``cfg`` with its dense weights from ``work_dir/cache`` (trained there when
     missing, said first); a damaged or foreign cache file exits naming it (``SystemExit``)."""
     data = load_task(cfg)
-    path = work_dir / "cache" / f"dense-{cfg.dense_key()}.pt"
+    path = dense_path(cfg, work_dir / "cache")
     if not path.exists():
         print(f"no cached dense weights at {path}: training them as the grid does (about 10 minutes on 2 cores)",
               file=sys.stderr, flush=True)

@@ -93,7 +93,8 @@ def _inputs(data: EncodedTexts, pad_id: int) -> list[dict[str, Tensor]]:
     return out
 
 
-def _timed_pass(model: nn.Module, inputs: list[dict[str, Tensor]]) -> float:
+def timed_pass(model: nn.Module, inputs: list[dict[str, Tensor]]) -> float:
+    """Seconds ``model`` takes over ``inputs`` (its batches, in order, once)."""
     started = time.perf_counter()
     for batch in inputs:
         model(**batch)
@@ -124,7 +125,7 @@ def measure_throughput(models: dict[str, tuple[nn.Module, Callable[[], ContextMa
         for repeat in range(WARMUP_PASSES + TIMED_PASSES):
             for name, (model, context) in models.items():
                 with context():
-                    seconds = _timed_pass(model, inputs)
+                    seconds = timed_pass(model, inputs)
                 if repeat >= WARMUP_PASSES:
                     times[name].append(seconds)
     finally:

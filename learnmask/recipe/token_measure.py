@@ -30,7 +30,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from learnmask.recipe.measure import TIE_MARGIN, FinalizeMismatch
+from learnmask.recipe.measure import TIE_MARGIN, FinalizeMismatch, timed_pass
 from learnmask.recipe.token_tasks import Examples
 
 THREADS = 2
@@ -168,13 +168,6 @@ def pair_ratios(pairs: list[tuple[float, float]]) -> dict[str, float]:
     return {"relative": median, "q1": q1, "q3": q3}
 
 
-def _timed_pass(model: nn.Module, inputs: list[dict[str, Tensor]]) -> float:
-    started = time.perf_counter()
-    for batch in inputs:
-        model(**batch)
-    return time.perf_counter() - started
-
-
 @torch.inference_mode()
 def throughput(models: dict[str, nn.Module], data: Examples) -> dict[int, dict[str, float]]:
     """The export's throughput against the full model at each of :data:`BATCH_SIZES` (see the
@@ -199,12 +192,12 @@ def throughput(models: dict[str, nn.Module], data: Examples) -> dict[int, dict[s
             examples = sum(len(next(iter(batch.values()))) for batch in inputs)
             for _ in range(WARMUP_PASSES):
                 for model in models.values():
-                    _timed_pass(model, inputs)
+                    timed_pass(model, inputs)
             pairs: list[tuple[float, float]] = []
             started = time.perf_counter()
             while len(pairs) < MIN_PAIRS or (len(pairs) < MAX_PAIRS and time.perf_counter() - started < TIMING_SECONDS):
                 order = ("full", "export") if len(pairs) % 2 == 0 else ("export", "full")
-                seconds = {name: _timed_pass(models[name], inputs) for name in order}
+                seconds = {name: timed_pass(models[name], inputs) for name in order}
                 pairs.append((seconds["full"], seconds["export"]))
             timing[size] = {"full": examples / statistics.median(p[0] for p in pairs),
                             "export": examples / statistics.median(p[1] for p in pairs),

@@ -107,12 +107,11 @@ def _timing(summaries: list[Summary], name: str) -> str:
 def timing_protocol(summaries: list[Summary]) -> str:
     """The NOTE's words for how the runs timed (both protocols, joined, where records differ)."""
     words = []
-    if _timing(summaries, "timed_passes") != "?":
-        words.append(TIMING_FASTEST.format(passes=_timing(summaries, "timed_passes"),
-                                           seconds=_timing(summaries, "min_pass_seconds")))
-    if _timing(summaries, "min_pairs") != "?":
-        words.append(TIMING_PAIRS.format(pairs=_timing(summaries, "min_pairs"),
-                                         seconds=_timing(summaries, "timing_seconds")))
+    passes, pairs = _timing(summaries, "timed_passes"), _timing(summaries, "min_pairs")
+    if passes != "?":
+        words.append(TIMING_FASTEST.format(passes=passes, seconds=_timing(summaries, "min_pass_seconds")))
+    if pairs != "?":
+        words.append(TIMING_PAIRS.format(pairs=pairs, seconds=_timing(summaries, "timing_seconds")))
     return "; or ".join(words) or "timed as the records say"
 
 

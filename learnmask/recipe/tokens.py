@@ -222,6 +222,11 @@ def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path, key:
     return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key, seed=cfg.seed)
 
 
+def dense_path(cfg: TokenRunConfig, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Where :func:`dense_weights` caches the dense weights of ``cfg``'s task, data and seed."""
+    return pathlib.Path(cache_dir) / f"dense-{cfg.dense_key()}.pt"
+
+
 def dense_weights(cfg: TokenRunConfig, data: TaskData, cache_dir: pathlib.Path,
                   progress: Progress | None = None) -> dict:
     """The dense weights every run of ``cfg``'s task, data and seed starts from: its model
@@ -230,7 +235,7 @@ def dense_weights(cfg: TokenRunConfig, data: TaskData, cache_dir: pathlib.Path,
     ``cache_dir/run-<dense_key>``)."""
     cache_dir = pathlib.Path(cache_dir)
     key = cfg.dense_key()
-    path = cache_dir / f"dense-{key}.pt"
+    path = dense_path(cfg, cache_dir)
     with distributed.exclusive(path):  # under DDP: rank 0 locks and decides, every rank trains, rank 0 writes
         if distributed.broadcast_object(not path.exists()):
             task = TokenTask(cfg, data.model, None, data.train, cfg.epochs)
