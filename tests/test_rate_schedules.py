@@ -47,6 +47,31 @@ def test_loss_adaptive_controller_raises_the_rate_while_loss_falls_and_lowers_it
     assert controller.ratio == 0.4  # bounded
 
 
+def test_capping_the_loss_adaptive_controller_clips_its_ratio_and_bounds_later_moves():
+    controller = LossAdaptiveController(1.0, r_min=0.5, r_max=1.0, harder="down", max_step=0.1)
+    assert controller.cap(0.8) == 0.8 and controller.r_max == 0.8
+    for loss in (1.0, 2.0, 4.0):  # hard every time after the first: moves toward more tokens, stopped at the cap
+        controller.update(loss)
+    assert controller.ratio == 0.8
+    assert controller.cap(0.9) == 0.8  # raising the cap does not move the ratio
+    with pytest.raises(ValueError, match=r"r_max must be >= r_min = 0.5; got 0.4"):
+        controller.cap(0.4)
+    with pytest.raises(ValueError, match=r"r_max must be in \[0, 1\].*got 1.5"):
+        controller.cap(1.5)
+
+    state = controller.state_dict()  # the moved bound is state: a restored controller keeps it
+    assert state["r_max"] == 0.9
+    restored = LossAdaptiveController(1.0, r_min=0.5, r_max=1.0, harder="down", max_step=0.1)
+    restored.load_state_dict(state)
+    assert (restored.ratio, restored.r_max) == (0.8, 0.9)
+    older = {k: v for k, v in state.items() if k != "r_max"}  # saved before cap() existed: the configured bound
+    restored = LossAdaptiveController(1.0, r_min=0.5, r_max=1.0, harder="down", max_step=0.1)
+    restored.load_state_dict(older)
+    assert (restored.ratio, restored.r_max) == (0.8, 1.0)
+    with pytest.raises(ValueError, match=r"ratio must be in \[r_min, r_max\] = \[0.5, 0.6\]; got 0.8"):
+        restored.load_state_dict({**state, "r_max": 0.6})
+
+
 def test_mlm_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['mlm_prob'\]"):
         MLMRunConfig.from_dict({"mlm_prob": 0.3})

@@ -167,6 +167,9 @@ def test_the_bundled_grid_pairs_every_pruned_cell_with_its_tasks_full_row():
     ({"method": "gates", "keep_ratio": 0.5, "token_layers": [2, 1]}, "token_layers must be strictly increasing"),
     ({"method": "dense", "keep_ratio": 0.5}, "unknown method 'dense'"),
     ({"task": "mnist"}, "unknown task 'mnist'"),
+    ({"method": "gates", "keep_ratio": 0.5, "gate_warmup": 1.0}, r"gate_warmup must be in \[0, 1\); got 1.0"),
+    ({"method": "gates", "keep_ratio": 0.5, "adaptive_within_ramp": 1},
+     "adaptive_within_ramp must be true or false; got int 1"),
 ])
 def test_a_bad_grid_row_names_the_row_and_what_was_expected(tmp_path, settings, message):
     row = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
@@ -223,6 +226,66 @@ def test_the_loss_adaptive_target_follows_the_loss_in_the_warm_up_then_glides_to
     assert task.keep_at(16) > 0.5 and task.keep_at(17) == 0.5 and task.keep_at(23) == 0.5
 
 
+def test_within_the_ramp_the_loss_adaptive_target_is_the_ramp_or_below_and_meets_it_at_the_deadline(tiny_tasks):
+    def task_of(**extra):
+        run = cfg(**{"task": "fashion-vit", "method": "gates_adaptive", "keep_ratio": 0.5, "keep_warmup": 0.5, **extra})
+        data = recipe.load_task(run)
+        task = recipe.TokenTask(run, data.model, recipe.attach_tokens(run, data.model), data.train, epochs=4)
+        task.controller = None
+        return task
+
+    ramp = [1.0 - 0.5 * (s + 1) / 12 for s in range(12)]  # 24 steps, a warm-up of 12
+    task = task_of(adaptive_within_ramp=True)
+    targets = []
+    for i in range(12):  # a loss that doubles every step: hard every time; unbounded it would stay at 1
+        targets.append(task.keep_at(i))
+        task.after_step(i, 2.0 ** i, skipped=False)
+    assert targets == pytest.approx(ramp)
+    assert [task.keep_at(s) for s in range(12, 24)] == [0.5] * 12  # there at the deadline: no glide follows
+
+    task, free = task_of(adaptive_within_ramp=True), task_of()
+    step = task.adaptive.max_step  # 2 / 24: twice the ramp's step
+    for t in (task, free):
+        for i in range(4):  # a flat loss: easy every time after the first (which only sets the level)
+            t.keep_at(i)
+            t.after_step(i, 1.0, skipped=False)
+    assert free.keep_at(4) == pytest.approx(1.0 - 3 * step)  # three easy losses, three steps down from 1
+    # capped: pulled to the ramp (0.917 at step 1) before its first move, then three steps down from there
+    assert task.keep_at(4) == pytest.approx(ramp[1] - 3 * step) and task.keep_at(4) < ramp[4]
+    assert task_of().cfg.key() != task.cfg.key()
+
+    task = task_of(adaptive_within_ramp=True, keep_warmup=0.0)  # no ramp at all: the deadline is step 0
+    data = recipe.load_task(task.cfg)
+    task.engine = task.model  # (the loop sets it; here the model itself)
+    task.loss(data.train.batch(list(range(8))), 0)
+    assert task.adaptive_keep_at_pin == 0.5 and task.handle.tokens.keep_ratio == 0.5
+
+
+def test_the_scorers_learning_rate_warms_up_linearly_and_adam_first_step_shrinks_with_it(tiny_tasks, tmp_path):
+    rate = recipe.gate_rate(0.3, 79)  # n = round(23.7) = 24 steps
+    assert [rate(s) for s in (0, 1, 22, 23, 24, 500)] == pytest.approx([1 / 24, 2 / 24, 23 / 24, 1.0, 1.0, 1.0])
+    assert recipe.gate_rate(0.0, 79)(0) == recipe.gate_rate(0.01, 79)(0) == 1.0  # n <= 1: the full rate at once
+
+    def first_step(gate_warmup):
+        run = cfg(task="fashion-vit", method="gates", keep_ratio=0.5, gate_warmup=gate_warmup)
+        data = recipe.load_task(run)
+        handle = recipe.attach_tokens(run, data.model)
+        task = recipe.TokenTask(run, data.model, handle, data.train, epochs=1)
+        loop = recipe._optimizer(run, task, tmp_path / str(gate_warmup), run.key(), run.lr)
+        weight = handle.tokens.scorers[0].linear.weight
+        before = weight.detach().clone()
+        loss, _ = task.loss(data.train.batch(list(range(8))), 0)
+        loss.backward()
+        loop.optimizer.step()
+        loop.close()
+        return (weight.detach() - before).abs().max().item()
+
+    # Adam's first step is a sign step of the learning rate on every weight with a gradient:
+    # 48 examples at batch 8 = 6 steps; gate_warmup 0.5 -> n = 3 -> a third of gate_lr 0.05
+    assert first_step(0.0) == pytest.approx(0.05, rel=1e-3)
+    assert first_step(0.5) == pytest.approx(0.05 / 3, rel=1e-3)
+
+
 def test_heldout_expected_keep_of_exact_topk_gates_is_the_kept_fraction(tiny_tasks):
     from learnmask.recipe.token_measure import heldout_expected_keep
 
@@ -276,8 +339,10 @@ def test_the_table_states_the_subsets_each_task_really_ran_with(tmp_path):
     text = (tmp_path / "tokens.md").read_text()
     assert "- bbcnews-minilm: training examples (0: all) 64, epochs 1, held out (0: all) 0, pruning-phase examples " \
            "(0: all) 32, pruning-phase epochs 1, max length 256, batch 8, lr 5e-05, gate lr 0.01, pruning layers " \
-           "[1, 3]" in text
-    assert "- fashion-vit: training examples (0: all) 64, epochs 2, held out (0: all) 2000" in text
+           "[1, 3]\n" in text  # its learned rows leave gate_warmup and adaptive_within_ramp at their defaults
+    assert "- fashion-vit: training examples (0: all) 64, epochs 2, held out (0: all) 0" in text
+    assert "pruning layers [1]; learned gates: scorer lr warm-up (fraction of the phase) 0.3, loss-adaptive target " \
+           "at most the linear ramp true\n" in text  # the random and attention rows' 0.0 is not theirs to show
     assert "20,000" not in text and "600" not in text
 
 

@@ -104,14 +104,34 @@ class LossAdaptiveController:
         self.num_updates = 0
         self._last: dict[str, float] = {"loss": math.nan, "delta": 0.0}
 
-    def _check_in_bounds(self, ratio: float) -> None:
-        if not self.r_min <= ratio <= self.r_max:
-            raise ValueError(f"ratio must be in [r_min, r_max] = [{self.r_min}, {self.r_max}]; "
+    def _check_in_bounds(self, ratio: float, r_max: float | None = None) -> None:
+        r_max = self.r_max if r_max is None else r_max
+        if not self.r_min <= ratio <= r_max:
+            raise ValueError(f"ratio must be in [r_min, r_max] = [{self.r_min}, {r_max}]; "
                              f"got {ratio!r}")
+
+    def _check_r_max(self, r_max: object) -> float:
+        r_max = _check_unit(r_max, "r_max")
+        if r_max < self.r_min:
+            raise ValueError(f"r_max must be >= r_min = {self.r_min}; got {r_max!r}")
+        return r_max
 
     @property
     def ratio(self) -> float:
         """The current ratio, in ``[r_min, r_max]``."""
+        return self._ratio
+
+    def cap(self, r_max: float) -> float:
+        """Move the upper bound to ``r_max`` and clip the ratio to it; return the ratio. A
+        schedule that must reach a ratio by a deadline lowers the bound as it goes (the token
+        recipe's ``adaptive_within_ramp``: the linear ramp).
+
+        Raises:
+            ValueError: ``r_max`` outside ``[r_min, 1]`` or not finite.
+            TypeError: ``r_max`` not a real number.
+        """
+        self.r_max = r_max = self._check_r_max(r_max)
+        self._ratio = min(self._ratio, r_max)
         return self._ratio
 
     def update(self, loss: float) -> float:
@@ -151,9 +171,10 @@ class LossAdaptiveController:
         return {"ratio": self._ratio, "level": level, **self._last}
 
     def state_dict(self) -> dict[str, float | int | None]:
-        """``{"ratio": float, "level": float | None, "num_updates": int}``; bounds,
-        ``harder``, ``ema``, ``tolerance`` and ``max_step`` are configuration."""
-        return {"ratio": self._ratio, "level": self.level, "num_updates": self.num_updates}
+        """``{"ratio": float, "level": float | None, "num_updates": int, "r_max": float}``
+        (``r_max`` because :meth:`cap` moves it); ``r_min``, ``harder``, ``ema``, ``tolerance``
+        and ``max_step`` are configuration."""
+        return {"ratio": self._ratio, "level": self.level, "num_updates": self.num_updates, "r_max": self.r_max}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` exactly.
@@ -163,9 +184,11 @@ class LossAdaptiveController:
                 non-finite level or ``num_updates < 0``.
             TypeError: a value of the wrong type.
         """
-        _check_state_keys(state, self._STATE_KEYS, type(self).__name__)
+        _check_state_keys({k: v for k, v in state.items() if k != "r_max"}, self._STATE_KEYS, type(self).__name__)
+        # (states saved before cap() existed have no r_max: the configured bound stands)
+        r_max = self._check_r_max(state["r_max"]) if "r_max" in state else self.r_max
         ratio = _check_unit(state["ratio"], "ratio")
-        self._check_in_bounds(ratio)
+        self._check_in_bounds(ratio, r_max)
         level = state["level"]
         if level is not None:
             level = _check_real(level, "level")
@@ -173,7 +196,7 @@ class LossAdaptiveController:
             num_updates = _check_step_count(state["num_updates"])
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("step_count", "num_updates")) from None
-        self._ratio, self.level, self.num_updates = ratio, level, num_updates
+        self._ratio, self.level, self.num_updates, self.r_max = ratio, level, num_updates, r_max
 
     def __repr__(self) -> str:
         return (

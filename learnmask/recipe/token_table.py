@@ -78,6 +78,11 @@ SETTINGS = (("train_examples", "training examples (0: all)"), ("epochs", "epochs
             ("test_examples", "held out (0: all)"), ("prune_examples", "pruning-phase examples (0: all)"),
             ("prune_epochs", "pruning-phase epochs"), ("max_length", "max length"), ("batch_size", "batch"),
             ("lr", "lr"), ("gate_lr", "gate lr"), ("token_layers", "pruning layers"))
+#: Settings of the learned-gate rows (key, name, methods that read it, default), named on a task's
+#: line only where some run of those methods left the default.
+LEARNED_SETTINGS = (("gate_warmup", "scorer lr warm-up (fraction of the phase)", ("gates", "gates_adaptive"), 0.0),
+                    ("adaptive_within_ramp", "loss-adaptive target at most the linear ramp", ("gates_adaptive",),
+                     False))
 
 
 def settings_lines(records: list[dict]) -> list[str]:
@@ -93,7 +98,12 @@ def settings_lines(records: list[dict]) -> list[str]:
             values = {str(list(c.get(key) or DEFAULT_TOKEN_LAYERS.get(task, ()))) if key == "token_layers"
                       else str(c.get(key)) for c in configs}
             parts.append(f"{name} {'/'.join(sorted(values))}")
-        lines.append(f"- {task}: " + ", ".join(parts))
+        learned = []
+        for key, name, methods, default in LEARNED_SETTINGS:
+            values = {c.get(key, default) for c in configs if c["method"] in methods}
+            if values - {default}:
+                learned.append(f"{name} {'/'.join(sorted(str(v).lower() for v in values))}")
+        lines.append(f"- {task}: " + ", ".join(parts) + ("; learned gates: " + ", ".join(learned) if learned else ""))
     return lines
 
 

@@ -110,17 +110,24 @@ class TokenTask:
                                                    tolerance=cfg.adaptive_tolerance)
         handle.tokens.keep_ratio = self.keep_at(0)
 
-    def keep_at(self, step: int) -> float:
-        """Target keep ratio at ``step``: linear from 1 over the warm-up, then ``keep_ratio``.
-        The loss-adaptive row: the controller's value during the warm-up, then a glide from
-        there down to ``keep_ratio`` at the controller's step per update."""
-        if self.adaptive is not None:
-            if step < self.ramp_steps:
-                return self.adaptive.ratio
-            return max(self.cfg.keep_ratio, self.adaptive.ratio - self.adaptive.max_step * (step - self.ramp_steps + 1))
+    def ramp_at(self, step: int) -> float:
+        """The linear ramp: 1 - (1 - keep_ratio) * (step + 1) / ramp_steps, then ``keep_ratio``."""
         if step >= self.ramp_steps:
             return self.cfg.keep_ratio
         return 1.0 - (1.0 - self.cfg.keep_ratio) * (step + 1) / self.ramp_steps
+
+    def keep_at(self, step: int) -> float:
+        """Target keep ratio at ``step``: the linear ramp (:meth:`ramp_at`). The loss-adaptive
+        row: the controller's value during the warm-up (with ``adaptive_within_ramp``, at most
+        the ramp's: the controller's upper bound follows it), then a glide from there down to
+        ``keep_ratio`` at the controller's step per update."""
+        if self.adaptive is None:
+            return self.ramp_at(step)
+        if self.cfg.adaptive_within_ramp:  # (after the ramp: capped at keep_ratio, so no glide; also with no ramp)
+            self.adaptive.cap(self.ramp_at(step))
+        if step < self.ramp_steps:
+            return self.adaptive.ratio
+        return max(self.cfg.keep_ratio, self.adaptive.ratio - self.adaptive.max_step * (step - self.ramp_steps + 1))
 
     def batches(self, start: int):
         for epoch in range(start // self.steps_per_epoch, self.epochs):
@@ -132,9 +139,10 @@ class TokenTask:
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, float]:
         if self.handle is not None:
+            keep = self.keep_at(step)  # (first: within the ramp it caps the controller at the deadline)
             if step == self.ramp_steps and self.adaptive is not None:
                 self.adaptive_keep_at_pin = self.adaptive.ratio
-            self.handle.tokens.keep_ratio = self.keep_at(step)
+            self.handle.tokens.keep_ratio = keep
             if self.hard_step is not None and step >= self.hard_step and not self.hardened:
                 self._harden()
         labels = batch.pop("labels")
@@ -218,8 +226,16 @@ class TokenTask:
 def _optimizer(cfg: TokenRunConfig, task: TokenTask, run_dir: pathlib.Path, key: str, lr: float) -> TrainingLoop:
     groups = param_groups(task.model, lr=lr, weight_decay=cfg.weight_decay, gate_lr=cfg.gate_lr)
     base = lambda step: warmup_linear_decay(step, 0, task.total_steps, cfg.warmup_ratio)  # noqa: E731
-    lambdas = [base] + [lambda _: 1.0] * (len(groups) - 1)
+    lambdas = [base] + [gate_rate(cfg.gate_warmup, task.total_steps)] * (len(groups) - 1)
     return TrainingLoop(task, torch.optim.AdamW(groups), lambdas, run_dir, key=key, seed=cfg.seed)
+
+
+def gate_rate(warmup: float, total_steps: int):
+    """The scorers' learning-rate factor at an optimizer step (0-based): ``(step + 1) / n``
+    over the first ``n = round(warmup * total_steps)`` steps, then 1 (``warmup`` 0 or
+    ``n <= 1``: 1 from the first step)."""
+    n = round(warmup * total_steps)
+    return lambda step: min(1.0, (step + 1) / n) if n > 1 else 1.0
 
 
 def dense_path(cfg: TokenRunConfig, cache_dir: pathlib.Path) -> pathlib.Path:

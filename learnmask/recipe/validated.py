@@ -56,7 +56,8 @@ class ValidatedConfig:
             else:
                 bool_for_int = isinstance(value, bool) and not isinstance(default, bool)
                 ok = isinstance(value, type(default)) and not bool_for_int
-                expected = {int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
+                expected = {int: "an integer", str: "a string", bool: "true or false"}.get(type(default),
+                                                                                     type(default).__name__)
             if not ok:
                 raise ValueError(f"{field.name} must be {expected}; got {type(value).__name__} {value!r}")
 
