@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learnmask", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one config (TOML with RunConfig keys) and print its metrics as JSON")
+    run = sub.add_parser("run", help="run one config and print its metrics as JSON (TOML: the config's keys; "
+                         "recipe = \"tokens\", \"mlm\" or \"interference\" picks a recipe other than classify)")
     run.add_argument("config", type=pathlib.Path)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/single"), help="run folder")
@@ -195,8 +196,9 @@ def _read_toml(path: pathlib.Path) -> dict:
 
 
 def _printable(metrics: dict) -> dict:
-    """Metrics for the console: head masks as one string per layer, trajectories left out."""
-    shown = {k: v for k, v in metrics.items() if k not in ("trajectory", "importance")}
+    """Metrics for the console: head masks as one string per layer; trajectories, importance
+    scores and the token runs' pictured kept tokens left out (they stay in the metrics file)."""
+    shown = {k: v for k, v in metrics.items() if k not in ("trajectory", "importance", "kept_tokens_pictured")}
     if shown.get("head_mask"):
         shown["head_mask"] = ["".join(str(v) for v in row) for row in shown["head_mask"]]
     return shown
@@ -213,12 +215,17 @@ def _run(args) -> None:
     """``learnmask run``: one config; a finished run is reported, not trained again."""
     from learnmask import distributed
     from learnmask.io import atomic_write_text
-    from learnmask.recipe.config import RunConfig
+    from learnmask.recipe.registry import get_recipe
     from learnmask.recipe.results import ResultNotWritten, check_writable
     from learnmask.recipe.runner import progress_bar
-    from learnmask.recipe.train import fit
 
-    cfg = RunConfig.from_dict({**_read_toml(args.config), **parse_overrides(args.set)}, where=str(args.config))
+    values = {**_read_toml(args.config), **parse_overrides(args.set)}
+    name = values.pop("recipe", "classify")
+    if not isinstance(name, str):
+        raise ValueError(f"{args.config}: recipe must be a recipe's name (a string); got {name!r}")
+    recipe = get_recipe(name)
+    cfg = recipe.config_class().from_dict(values, where=str(args.config))
+    fit = recipe.fit_function()
     run_dir = args.out / f"run-{cfg.key()}"
     done = run_dir / "metrics.json"
     if distributed.broadcast_object(done.exists()):
@@ -228,7 +235,7 @@ def _run(args) -> None:
         distributed.on_main(check_writable, done, what="the run's metrics")
         if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
             print(f"learnmask: resuming {run_dir} from its last checkpoint", file=sys.stderr)
-        result = {"config": dataclasses.asdict(cfg)}
+        result = {"recipe": name, "config": dataclasses.asdict(cfg)}
 
         def record(metrics: dict) -> None:
             try:

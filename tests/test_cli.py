@@ -92,6 +92,44 @@ def test_run_reports_a_finished_run_instead_of_training_again(tmp_path, monkeypa
     assert len(calls) == 1 and "already finished" in capsys.readouterr().err
 
 
+def test_run_takes_the_recipe_a_config_names(tmp_path, monkeypatch, capsys):
+    from learnmask.recipe import tokens
+    from learnmask.recipe.token_config import TokenRunConfig
+
+    seen = []
+
+    def fake_fit(cfg, run_dir, *, cache_dir, progress=None, record=None):
+        seen.append(cfg)
+        metrics = {"accuracy": 0.75, "kept_tokens_pictured": [[[0, 1, 2]]]}
+        record(metrics)
+        return metrics
+
+    monkeypatch.setattr(tokens, "fit_tokens", fake_fit)
+    config = tmp_path / "c.toml"
+    config.write_text('recipe = "tokens"\nmethod = "gates"\nkeep_ratio = 0.5\ntask = "fashion-vit"\n')
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out), "--no-progress", "--set", "keep_ratio=0.7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(seen) == 1 and isinstance(seen[0], TokenRunConfig)
+    assert (seen[0].method, seen[0].keep_ratio, seen[0].task) == ("gates", 0.7, "fashion-vit")
+    assert printed["metrics"] == {"accuracy": 0.75}  # the pictured tokens stay in the file
+    saved = json.loads((out / f"run-{seen[0].key()}" / "metrics.json").read_text())
+    assert saved["recipe"] == "tokens" and saved["metrics"]["kept_tokens_pictured"] == [[[0, 1, 2]]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('recipe = "tokenz"\n', "unknown recipe 'tokenz'; expected one of ['classify', 'interference', 'mlm', 'tokens']"),
+    ("recipe = 3\n", "recipe must be a recipe's name (a string); got 3"),
+    ('recipe = "tokens"\ntarget_sparsity = 0.5\n', "unknown key(s) ['target_sparsity']"),
+])
+def test_run_with_a_bad_recipe_is_a_clear_error(tmp_path, capsys, text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupt_and_bad_toml_are_clear(tmp_path, monkeypatch, capsys):
     from learnmask.recipe import train
 
