@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = "learnmask " + shlex.join(argv)
+    finished = False
     try:
         if args.command in ("run", "reproduce"):
             from learnmask import distributed
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             grid, results, work = _paths(args)
             _table(args, grid, results, work, command)
+        finished = True
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"learnmask: error: {error}", file=sys.stderr)
         return 2
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if finished:  # every rank out of its collectives before gloo is torn down (a rank torn down
+                torch.distributed.barrier()  # while a peer still talked to it died at exit with SIGABRT)
             torch.distributed.destroy_process_group()
     return 0
 
