@@ -330,12 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learnmask: error: {error}", file=sys.stderr)
         return 2
     finally:
-        import torch
+        from learnmask import distributed
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if finished:  # every rank out of its collectives before gloo is torn down (a rank torn down
-                torch.distributed.barrier()  # while a peer still talked to it died at exit with SIGABRT)
-            torch.distributed.destroy_process_group()
+        distributed.end(wait=finished)
     return 0
 
 

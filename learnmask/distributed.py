@@ -130,6 +130,17 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def end(*, wait: bool = True) -> None:
+    """Destroy the process group, if any. ``wait``: first wait for every rank (after work that
+    finished; not on an error path, where a dead rank would hang the rest). A rank that tore gloo
+    down while a peer might still talk to it died at exit with SIGABRT ("terminate called without
+    an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def mean(value: float) -> float:
     """``value`` averaged over ranks (the identity in one process): the same float on every rank.
 

@@ -78,12 +78,3 @@ def tiny(monkeypatch):
 
     monkeypatch.setattr(recipe, "_load", load)
 
-
-def end_process_group() -> None:
-    """For the workers that tests run under ``torchrun``: wait for every rank, then destroy the
-    process group. A rank that tears gloo down while a peer may still be talking to it can die
-    at exit with SIGABRT ("terminate called without an active exception"), failing a run whose
-    work was done (seen once in a CI run of the resume test on a fast machine)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import end_process_group, tiny_bert  # noqa: E402
+from conftest import tiny_bert  # noqa: E402
 
 import learnmask as lm  # noqa: E402
 from learnmask import distributed  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
             loss.backward()
         torch.save({"ddp": grads(model), "local": local, "kept": kept}, out / f"{case}{rank}.pt")
     torch.save(rest(rank), out / f"rest{rank}.pt")
-    end_process_group()
+    distributed.end()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from learnmask import distributed  # noqa: E402
 from learnmask.recipe import tokens as recipe  # noqa: E402
 from learnmask.recipe.token_config import TokenRunConfig  # noqa: E402
 from learnmask.recipe.token_tasks import TaskData  # noqa: E402
-from tests.conftest import end_process_group, tiny_bert  # noqa: E402
+from tests.conftest import tiny_bert  # noqa: E402
 
 
 def load(cfg):
@@ -50,7 +50,7 @@ def main() -> None:
                    if getattr(task, name, None) is not None}
     torch.save({"model": {k: v.clone() for k, v in task.model.state_dict().items()}, "controllers": controllers,
                 "metrics": metrics, "losses": None}, out / f"tokens{distributed.rank()}.pt")
-    end_process_group()
+    distributed.end()
 
 
 if __name__ == "__main__":

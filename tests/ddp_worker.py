@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from conftest import end_process_group, synthetic, tiny_bert  # noqa: E402
+from conftest import synthetic, tiny_bert  # noqa: E402
 
 from learnmask import distributed  # noqa: E402
 from learnmask.recipe import train as recipe  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
         "skipped": trainer.loop.skipped,
     }
     torch.save(state, out / f"rank{distributed.rank()}.pt")
-    end_process_group()
+    distributed.end()
 
 
 if __name__ == "__main__":
